@@ -1,0 +1,1 @@
+"""Preset YAML files, shipped inside the reshape package as reshape._presets."""

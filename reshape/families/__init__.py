@@ -1,0 +1,40 @@
+"""The family registry: the first adapter that claims a model handles it.
+
+A later generic torch.fx path registers last, as the fallback for modules no adapter knows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import fail
+from .base import BlockWeights, Family, ModelSpec, Proj
+from .hf import FAMILIES as _HF_FAMILIES
+from .timm_vit import TIMM_VIT
+
+FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT]
+
+
+def register(family: Family) -> None:
+    FAMILIES.append(family)
+
+
+def find_family(obj: Any) -> Family:
+    """The adapter for a transformers config, a timm config dict, or an nn.Module."""
+    for family in FAMILIES:
+        if family.claims(obj):
+            return family
+    raise fail("model", describe(obj), "is not a supported model family",
+               "use one of: " + "; ".join(f.covers for f in FAMILIES))
+
+
+def describe(obj: Any) -> str:
+    config = getattr(obj, "config", obj)
+    if getattr(config, "model_type", None):
+        return f"model_type {config.model_type!r}"
+    if isinstance(obj, dict) and "architecture" in obj:
+        return f"timm architecture {obj['architecture']!r}"
+    return type(obj).__name__
+
+
+__all__ = ["FAMILIES", "BlockWeights", "Family", "ModelSpec", "Proj", "describe", "find_family", "register"]

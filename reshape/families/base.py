@@ -1,0 +1,83 @@
+"""What a model family adapter must tell reshape. Adapters hold accessors and weight maps, no algorithms."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..plan import Plan, Shape
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A linear projection inside a block, named relative to the block."""
+
+    name: str
+    # For attention inputs: which of q/k/v its output rows hold, in order (fused qkv holds all three).
+    roles: tuple[str, ...] = ()
+    # GPT-2's Conv1D stores its weight as [in, out] instead of nn.Linear's [out, in].
+    conv1d: bool = False
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Where a block's projections live: the weight map the transfer algorithms work on."""
+
+    attn_in: tuple[Proj, ...]
+    attn_out: Proj
+    mlp_in: tuple[Proj, ...]  # fc1, or gate and up for gated MLPs
+    mlp_out: Proj
+
+
+@dataclass
+class ModelSpec:
+    """A model known by its family and config, before or without its weights."""
+
+    family: Family
+    config: Any  # a transformers PretrainedConfig, or a timm {"architecture", "model_args"} dict
+    cls: type | None = None  # the transformers class to build; None for timm
+
+
+class Family(ABC):
+    name: str
+    covers: str  # what it covers, for the list shown when no family claims a model
+    weights: BlockWeights
+    can_widen_attention: bool  # can the saved config express attention width != model width?
+    library: str  # "transformers" or "timm": what loads the saved folder
+
+    @abstractmethod
+    def claims(self, obj: Any) -> bool:
+        """True if this adapter handles this config or module."""
+
+    @abstractmethod
+    def spec(self, model: nn.Module) -> ModelSpec:
+        """The spec of an in-memory model."""
+
+    @abstractmethod
+    def shape(self, config: Any) -> Shape: ...
+
+    @abstractmethod
+    def layers(self, model: nn.Module) -> nn.Module:
+        """The block stack (a ModuleList or Sequential), indexable by layer."""
+
+    @abstractmethod
+    def new_config(self, config: Any, shape: Shape, plan: Plan) -> Any: ...
+
+    @abstractmethod
+    def build(self, spec: ModelSpec, empty: bool) -> nn.Module:
+        """A model of this spec: with meta parameters when `empty` (to be assigned), else freshly initialised."""
+
+    @abstractmethod
+    def embedding_modules(self, model: nn.Module) -> list[nn.Module | nn.Parameter]:
+        """Modules and loose parameters counted as embeddings."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
+        """Write a folder that the family's own library loads: config.json and model.safetensors."""
+
+    def finalize(self, model: nn.Module) -> None:
+        """Restore what assigning a state dict undoes (e.g. tied weights)."""

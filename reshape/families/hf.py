@@ -1,0 +1,158 @@
+"""Hugging Face transformers families: BERT, RoBERTa, ViT, GPT-2, LLaMA-style decoders.
+
+Each family is data: its config keys, where its block stack lives, and its weight map. Rebuilding
+goes through the family's own config and class, so the result loads with plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import init_empty_weights
+
+from ..plan import Plan, Shape, target_shape
+from .base import BlockWeights, Family, ModelSpec, Proj
+
+# Config entries that hold one value per layer and must follow the kept layers.
+PER_LAYER_KEYS = ("layer_types",)
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    heads: str = "num_attention_heads"
+    layers: str = "num_hidden_layers"
+    hidden: str = "hidden_size"
+    mlp: str = "intermediate_size"
+    kv_heads: str | None = None
+    head_dim: str | None = None
+
+
+class HFFamily(Family):
+    library = "transformers"
+
+    def __init__(self, name, covers, model_types, layers_path, weights, embeddings,
+                 keys=ConfigKeys(), can_widen_attention=False):
+        self.name = name
+        self.covers = covers
+        self.model_types = tuple(model_types)
+        self.layers_path = layers_path  # attribute path from the base model to the block stack
+        self.weights = weights
+        self.embeddings = embeddings  # attribute names on the base model holding embeddings
+        self.keys = keys
+        self.can_widen_attention = can_widen_attention
+
+    def claims(self, obj) -> bool:
+        config = getattr(obj, "config", obj)
+        return getattr(config, "model_type", None) in self.model_types
+
+    def spec(self, model):
+        return ModelSpec(self, model.config, type(model))
+
+    def shape(self, config) -> Shape:
+        k = self.keys
+        heads = getattr(config, k.heads)
+        hidden = getattr(config, k.hidden)
+        kv = getattr(config, k.kv_heads, None) if k.kv_heads else None
+        head_dim = getattr(config, k.head_dim, None) if k.head_dim else None
+        return Shape(
+            layers=getattr(config, k.layers),
+            heads=heads,
+            kv_heads=kv or heads,
+            head_dim=head_dim or hidden // heads,
+            hidden=hidden,
+            mlp=getattr(config, k.mlp) or 4 * hidden,  # GPT-2 stores None for 4 x hidden
+        )
+
+    def layers(self, model):
+        return functools.reduce(getattr, self.layers_path.split("."), model.base_model)
+
+    def new_config(self, config, shape, plan):
+        new = target_shape(shape, plan)
+        k = self.keys
+        config = copy.deepcopy(config)
+        setattr(config, k.heads, new.heads)
+        setattr(config, k.layers, new.layers)
+        if k.kv_heads:
+            setattr(config, k.kv_heads, new.kv_heads)
+        if k.head_dim:
+            setattr(config, k.head_dim, new.head_dim)
+        if plan.mlp:
+            setattr(config, k.mlp, new.mlp)
+        for key in PER_LAYER_KEYS:
+            values = getattr(config, key, None)
+            if isinstance(values, list) and len(values) == shape.layers:
+                setattr(config, key, [values[i] for i in plan.keep])
+        return config
+
+    def build(self, spec, empty):
+        if empty:
+            # Parameters on the meta device (no init cost, assigned later); buffers stay real.
+            with init_empty_weights(include_buffers=False):
+                return spec.cls(spec.config)
+        return spec.cls(spec.config)
+
+    def embedding_modules(self, model):
+        return [getattr(model.base_model, name) for name in self.embeddings]
+
+    def save(self, model, spec, out: Path):
+        model.save_pretrained(out)
+
+    def finalize(self, model):
+        model.tie_weights()
+
+
+def _separate_qkv(prefix: str, q: str, k: str, v: str) -> tuple[Proj, ...]:
+    return (Proj(f"{prefix}{q}", ("q",)), Proj(f"{prefix}{k}", ("k",)), Proj(f"{prefix}{v}", ("v",)))
+
+
+_BERT_WEIGHTS = BlockWeights(
+    attn_in=_separate_qkv("attention.self.", "query", "key", "value"),
+    attn_out=Proj("attention.output.dense"),
+    mlp_in=(Proj("intermediate.dense"),),
+    mlp_out=Proj("output.dense"),
+)
+
+BERT = HFFamily("bert", "BERT (bert)", ["bert"], "encoder.layer", _BERT_WEIGHTS, ["embeddings"])
+ROBERTA = HFFamily("roberta", "RoBERTa (roberta)", ["roberta"], "encoder.layer", _BERT_WEIGHTS, ["embeddings"])
+
+VIT = HFFamily(
+    "vit", "ViT (vit)", ["vit"], "layers",
+    BlockWeights(
+        attn_in=_separate_qkv("attention.", "q_proj", "k_proj", "v_proj"),
+        attn_out=Proj("attention.o_proj"),
+        mlp_in=(Proj("mlp.fc1"),),
+        mlp_out=Proj("mlp.fc2"),
+    ),
+    ["embeddings"],
+)
+
+GPT2 = HFFamily(
+    "gpt2", "GPT-2 (gpt2)", ["gpt2"], "h",
+    BlockWeights(
+        attn_in=(Proj("attn.c_attn", ("q", "k", "v"), conv1d=True),),
+        attn_out=Proj("attn.c_proj", conv1d=True),
+        mlp_in=(Proj("mlp.c_fc", conv1d=True),),
+        mlp_out=Proj("mlp.c_proj", conv1d=True),
+    ),
+    ["wte", "wpe"],
+    keys=ConfigKeys(heads="n_head", layers="n_layer", hidden="n_embd", mlp="n_inner"),
+)
+
+LLAMA = HFFamily(
+    "llama", "LLaMA-style decoders (llama, qwen2, mistral)", ["llama", "qwen2", "mistral"], "layers",
+    BlockWeights(
+        attn_in=_separate_qkv("self_attn.", "q_proj", "k_proj", "v_proj"),
+        attn_out=Proj("self_attn.o_proj"),
+        mlp_in=(Proj("mlp.gate_proj"), Proj("mlp.up_proj")),
+        mlp_out=Proj("mlp.down_proj"),
+    ),
+    ["embed_tokens"],
+    keys=ConfigKeys(kv_heads="num_key_value_heads", head_dim="head_dim"),
+    can_widen_attention=True,  # head_dim is its own config key
+)
+
+FAMILIES = [BERT, ROBERTA, VIT, GPT2, LLAMA]
+

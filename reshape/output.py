@@ -1,0 +1,106 @@
+"""Writing an output folder: all or nothing, and never over the user's files without --overwrite."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import fail
+
+# Source files that the new folder must not inherit: the family writes its own config and weights,
+# and the card and recipe describe the new model.
+NOT_COPIED = ("config.json", "README.md", "reshape.json", ".gitattributes", "*.safetensors", "*.bin", "*.pt",
+              "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "*.index.json", ".cache")
+
+
+def check_output(out: Path, overwrite: bool, source_folder: Path | None = None) -> None:
+    """Refuse an OUT that would damage something, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise fail("out", out, "is a file", "choose a folder path")
+    if source_folder is not None and out.exists() and out.resolve() == Path(source_folder).resolve():
+        raise fail("out", out, "is the source model's own folder", "choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise fail("out", out, "is not empty", "pass --overwrite to replace it, or choose another folder")
+
+
+@contextmanager
+def staged(out: Path):
+    """Yield a temporary sibling folder; move it into place only when the block completes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.reshape-tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.reshape-old-{tag}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def copy_extra_files(source: Path, dest: Path) -> list[str]:
+    """Copy tokenizer/processor and pooling files from the source folder; keep what dest already has."""
+    copied = []
+    ignore = shutil.ignore_patterns(*NOT_COPIED)
+    skipped = ignore(str(source), [p.name for p in source.iterdir()])
+    for item in sorted(source.iterdir()):
+        target = dest / item.name
+        if item.name in skipped or target.exists():
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target, ignore=ignore)
+        else:
+            shutil.copy2(item, target)
+        copied.append(item.name)
+    return copied
+
+
+def model_card(recipe: dict, library: str) -> str:
+    """A model card stub: where the model came from and how to load it without reshape."""
+    old, new = recipe["source_shape"], recipe["shape"]
+    saved = recipe["params"]["saved_fraction"]
+    base = f"base_model: {recipe['hub_id']}\n" if recipe.get("hub_id") else ""
+    load = (
+        'import timm\nmodel = timm.create_model("local-dir:PATH", pretrained=True)'
+        if library == "timm"
+        else f'from transformers import {recipe["class"]}\nmodel = {recipe["class"]}.from_pretrained("PATH")'
+    )
+    return f"""---
+{base}library_name: {library}
+tags:
+- reshape
+- more-heads-less-depth
+---
+
+# {recipe['source']} — leaner
+
+Rebuilt by [reshape](https://pypi.org/project/reshape/) {recipe['reshape_version']} from `{recipe['source']}` with
+more attention heads and fewer layers ("Leaner Transformers: More Heads, Less Depth", arXiv 2505.20802).
+Initialised by `{recipe['plan']['init']}`; not yet distilled or fine-tuned.
+
+| | source | this model |
+|---|---:|---:|
+| layers | {old['layers']} | {new['layers']} |
+| heads (KV heads) | {old['heads']} ({old['kv_heads']}) | {new['heads']} ({new['kv_heads']}) |
+| head dim | {old['head_dim']} | {new['head_dim']} |
+| MLP width | {old['mlp']} | {new['mlp']} |
+| parameters | {recipe['params']['source']['total']:,} | {recipe['params']['result']['total']:,} ({saved:.1%} fewer) |
+
+Kept source layers: {', '.join(map(str, recipe['plan']['keep']))}. Head mode: {recipe['plan']['head_mode']}.
+The full recipe is in `reshape.json`.
+
+## Loading (reshape not needed)
+
+```python
+{load}
+```
+"""

@@ -1,0 +1,172 @@
+"""The convert pipeline: plan -> rebuild -> transfer -> save. `leaner` is the in-memory half."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from . import __version__
+from .families import ModelSpec, find_family
+from .output import check_output, copy_extra_files, model_card, staged
+from .plan import Plan, make_plan, rule_of_thumb, target_shape
+from .presets import preset_for
+from .source import Source, load_model, open_source
+from .summary import count_params, describe
+from .transfer import load_into, transfer_state
+
+log = logging.getLogger("reshape")
+
+PLAN_OPTIONS = ("keep", "select", "keep_head_dim", "mlp", "init", "allow_fewer_heads", "force")
+
+
+def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None, *, seed: int = 0,
+           **options) -> nn.Module:
+    """A new model of the same class with `heads` attention heads and `depth` layers; `model` is untouched.
+
+    Options: keep (layer indices), select ("uniform" | "first" | "last"), keep_head_dim, mlp,
+    init ("transfer" | "random"), allow_fewer_heads, force. With neither heads nor depth, the
+    architecture's preset is used if one exists, else the paper's rule of thumb.
+    """
+    spec = find_family(model).spec(model)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    plan = plan_for(spec, heads, depth, preset_for(name, name_or_path=name), **options)
+    new, _ = rebuild(model, spec, plan, seed=seed, share_weights=False)
+    return new
+
+
+def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
+    """Validate a request for this model; fill heads/depth from the preset or rule of thumb if both are absent."""
+    unknown = set(options) - set(PLAN_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown plan options: {', '.join(sorted(unknown))} (known: {', '.join(PLAN_OPTIONS)})")
+    family = spec.family
+    shape = family.shape(spec.config)
+    if heads is None and depth is None and options.get("keep") is None:
+        if preset:
+            heads, depth = preset.heads, preset.depth
+            log.warning("reshape: no heads/depth given; using preset %r: %d heads, %d layers", preset.alias, heads, depth)
+        else:
+            heads, depth = rule_of_thumb(shape)
+            log.warning("reshape: no heads/depth given; using the rule of thumb (double the heads where the "
+                        "width allows, two thirds of the depth): %d heads, %d layers", heads, depth)
+    return make_plan(shape, family=family.name, heads=heads, depth=depth,
+                     can_widen_attention=family.can_widen_attention, **options)
+
+
+def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0,
+            share_weights: bool = False) -> tuple[nn.Module, ModelSpec]:
+    """Build the planned model and fill it. With `share_weights`, untouched tensors are shared with
+    `model` instead of copied (for callers that discard the source, such as `convert`)."""
+    family = spec.family
+    shape = family.shape(spec.config)
+    new_spec = ModelSpec(family, family.new_config(spec.config, shape, plan), spec.cls)
+    dtype = next(model.parameters()).dtype
+    if plan.init == "random":
+        torch.manual_seed(seed)
+        new = family.build(new_spec, empty=False).to(dtype)
+    else:
+        new = family.build(new_spec, empty=True)
+        state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan)
+        if not share_weights:
+            state = {k: v.clone() for k, v in state.items()}
+        load_into(new, state)
+        family.finalize(new)
+    return new.train(model.training), new_spec
+
+
+def convert(source: str, out: str | Path, heads: int | None = None, depth: int | None = None, *,
+            seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False, progress: bool = False,
+            **options) -> dict:
+    """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe."""
+    out = Path(out)
+    check_output(out, overwrite)
+    src = open_source(source, trust_remote_code)
+    check_output(out, overwrite, src.folder)
+    plan = plan_for(src.spec, heads, depth, src.preset, **options)
+    family = src.spec.family
+    with _steps(progress) as step:
+        with step(f"Loading {source}"):
+            model = load_model(src)
+        with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers"):
+            new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True)
+            recipe = make_recipe(src, plan, model, new)
+            del model
+        with step(f"Saving to {out}"), staged(out) as tmp:
+            family.save(new, new_spec, tmp)
+            recipe["copied_files"] = copy_extra_files(src.folder, tmp)
+            (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(recipe, family.library))
+    return recipe
+
+
+def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None = None, *,
+            trust_remote_code: bool = False, **options) -> dict:
+    """Shapes and parameter counts of a model and, when heads/depth/options are given, of the result.
+    Reads configs only: no weights are loaded for a name or folder."""
+    if isinstance(source, nn.Module):
+        spec, preset = find_family(source).spec(source), None
+        model = source
+    else:
+        src = open_source(source, trust_remote_code)
+        spec, preset = src.spec, src.preset
+        model = spec.family.build(spec, empty=True)
+    family = spec.family
+    shape = family.shape(spec.config)
+    report = {"family": family.name, "source": describe(shape, count_params(model, family))}
+    asked = [heads, depth, options.get("keep"), options.get("mlp"), options.get("keep_head_dim") or None]
+    if all(x is None for x in asked):
+        return report
+    plan = plan_for(spec, heads, depth, preset, **options)
+    new_spec = ModelSpec(family, family.new_config(spec.config, shape, plan), spec.cls)
+    new_model = family.build(new_spec, empty=True)
+    report["plan"] = plan.to_dict()
+    report["result"] = describe(target_shape(shape, plan), count_params(new_model, family))
+    return report
+
+
+def make_recipe(src: Source, plan: Plan, model: nn.Module, new: nn.Module) -> dict:
+    """reshape.json: everything needed to know how the folder was made."""
+    family = src.spec.family
+    shape = family.shape(src.spec.config)
+    before, after = count_params(model, family), count_params(new, family)
+    return {
+        "reshape_version": __version__,
+        "source": src.name,
+        "hub_id": src.hub_id,
+        "family": family.name,
+        "class": type(new).__name__,
+        "plan": plan.to_dict(),
+        "source_shape": shape.to_dict(),
+        "shape": target_shape(shape, plan).to_dict(),
+        "params": {"source": before, "result": after,
+                   "saved_fraction": round(1 - after["total"] / before["total"], 6)},
+    }
+
+
+def _layers_prefix(model: nn.Module, family) -> str:
+    layers = family.layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return f"{name}." if name else ""
+    raise AssertionError(f"{family.name}: block stack not found in {type(model).__name__}")
+
+
+@contextmanager
+def _steps(enabled: bool):
+    """Rich progress, one line per long step; silent when disabled."""
+    columns = (SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
+        @contextmanager
+        def step(text: str):
+            task = bar.add_task(text, total=1)
+            yield
+            bar.update(task, completed=1)
+
+        yield step

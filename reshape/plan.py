@@ -1,0 +1,215 @@
+"""The rewrite plan: which heads, which layers, which widths — validated before anything is touched."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import Problem, ReshapeError
+
+HEAD_MODES = ("keep-width", "keep-head-dim")
+STRATEGIES = ("uniform", "first", "last")
+INITS = ("transfer", "random")
+MIN_HEAD_DIM = 8  # below this a head can hardly hold a query/key subspace; --force overrides
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers that describe a transformer's block stack."""
+
+    layers: int
+    heads: int
+    kv_heads: int  # equal to heads without grouped-query attention
+    head_dim: int
+    hidden: int
+    mlp: int
+
+    @property
+    def attn_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def grouped(self) -> bool:
+        return self.kv_heads != self.heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A resolved, valid plan. Build it with `make_plan`."""
+
+    heads: int
+    keep: tuple[int, ...]  # source indices of the layers that stay, increasing
+    head_mode: str = "keep-width"
+    mlp: int | None = None  # new MLP width; None keeps it
+    init: str = "transfer"
+
+    @property
+    def depth(self) -> int:
+        return len(self.keep)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep"] = list(self.keep)
+        d["depth"] = self.depth
+        return d
+
+
+def select_layers(layers: int, depth: int, strategy: str) -> tuple[int, ...]:
+    """Indices of `depth` layers out of `layers` by a named strategy."""
+    if strategy == "first":
+        return tuple(range(depth))
+    if strategy == "last":
+        return tuple(range(layers - depth, layers))
+    # uniform: evenly spaced with first and last kept (DistilBERT-style). Spacing is >= 1, so
+    # rounding half up never repeats an index.
+    if depth == 1:
+        return (0,)
+    step = (layers - 1) / (depth - 1)
+    return tuple(math.floor(i * step + 0.5) for i in range(depth))
+
+
+def target_shape(shape: Shape, plan: Plan) -> Shape:
+    """The shape the plan produces."""
+    if plan.head_mode == "keep-width":
+        head_dim = shape.attn_width // plan.heads
+        # The K/V projections keep their shape too, so they are read as proportionally more heads.
+        kv_heads = shape.kv_heads * plan.heads // shape.heads
+    else:
+        head_dim = shape.head_dim
+        kv_heads = plan.heads if not shape.grouped else shape.kv_heads
+    return Shape(
+        layers=plan.depth,
+        heads=plan.heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden=shape.hidden,
+        mlp=plan.mlp or shape.mlp,
+    )
+
+
+def legal_heads(shape: Shape, keep_head_dim: bool, limit: int = 64) -> list[int]:
+    """Head counts the plan accepts for this shape (ignoring the minimum head dim), up to `limit`."""
+    return [h for h in range(1, limit + 1) if not _head_problem(shape, h, keep_head_dim)]
+
+
+def _head_problem(shape: Shape, heads: int, keep_head_dim: bool) -> str | None:
+    if keep_head_dim:
+        if shape.grouped and heads % shape.kv_heads:
+            return f"is not a multiple of the {shape.kv_heads} KV heads (each query head must stay in a KV group)"
+        return None
+    if shape.attn_width % heads:
+        return f"does not divide the attention width {shape.attn_width}"
+    if (shape.kv_heads * heads) % shape.heads:
+        return (
+            f"would need {shape.kv_heads}x{heads}/{shape.heads} KV heads, not a whole number "
+            "(the KV projections keep their width)"
+        )
+    return None
+
+
+def make_plan(
+    shape: Shape,
+    *,
+    family: str,
+    heads: int | None = None,
+    depth: int | None = None,
+    keep: list[int] | tuple[int, ...] | None = None,
+    select: str = "uniform",
+    keep_head_dim: bool = False,
+    mlp: int | None = None,
+    init: str = "transfer",
+    allow_fewer_heads: bool = False,
+    force: bool = False,
+    can_widen_attention: bool = True,
+) -> Plan:
+    """Validate a request against a model's shape; raise one ReshapeError listing every problem."""
+    problems: list[Problem] = []
+
+    def bad(field, value, reason, fix):
+        problems.append(Problem(field, value, reason, fix))
+
+    heads = shape.heads if heads is None else heads
+    head_mode = "keep-head-dim" if keep_head_dim else "keep-width"
+    if keep_head_dim and not can_widen_attention:
+        bad(
+            "head_mode", head_mode,
+            f"a {family} config cannot express an attention width different from the model width, "
+            "so the result would need reshape to load",
+            "drop --keep-head-dim to use the default keep-width mode",
+        )
+    if heads < 1:
+        bad("heads", heads, "must be at least 1", f"use a head count such as {2 * shape.heads}")
+    else:
+        reason = _head_problem(shape, heads, keep_head_dim)
+        if reason:
+            legal = [h for h in legal_heads(shape, keep_head_dim, limit=max(64, 4 * shape.heads))
+                     if (h >= shape.heads or allow_fewer_heads)
+                     and (keep_head_dim or force or shape.attn_width // h >= MIN_HEAD_DIM)]
+            bad("heads", heads, reason, f"use one of {', '.join(map(str, legal))}")
+        elif heads < shape.heads and keep_head_dim:
+            bad("heads", heads, f"is fewer than the model's {shape.heads}, and keep-head-dim only adds heads",
+                "drop --keep-head-dim to merge heads at the same width")
+        elif heads < shape.heads and not allow_fewer_heads:
+            bad("heads", heads, f"is fewer than the model's {shape.heads} (reshape adds heads)",
+                "pass --allow-fewer-heads to merge heads")
+        else:
+            head_dim = shape.head_dim if keep_head_dim else shape.attn_width // heads
+            if head_dim < MIN_HEAD_DIM and not force:
+                bad("heads", heads, f"gives head dim {head_dim}, below the minimum {MIN_HEAD_DIM}",
+                    "use fewer heads or pass --force")
+
+    keep_t: tuple[int, ...] | None = None
+    if keep is not None:
+        keep = list(keep)
+        out_of_range = [i for i in keep if not 0 <= i < shape.layers]
+        duplicated = sorted({i for i in keep if keep.count(i) > 1})
+        if not keep:
+            bad("keep", "", "lists no layer", f"list layer indices between 0 and {shape.layers - 1}")
+        elif out_of_range:
+            bad("keep", _csv(keep), f"has indices {_csv(out_of_range)} outside 0..{shape.layers - 1}",
+                f"use indices between 0 and {shape.layers - 1}")
+        elif duplicated:
+            bad("keep", _csv(keep), f"repeats {_csv(duplicated)}", "list each kept layer once")
+        elif keep != sorted(keep):
+            bad("keep", _csv(keep), "is not in increasing order", f"write it as {_csv(sorted(keep))}")
+        elif depth is not None and depth != len(keep):
+            bad("keep", _csv(keep), f"lists {len(keep)} layers but depth is {depth}",
+                "make --depth match the number of kept layers, or leave --depth out")
+        else:
+            keep_t = tuple(keep)
+    if depth is None:
+        depth = len(keep) if keep else shape.layers
+    if not 1 <= depth <= shape.layers:
+        bad("depth", depth, f"must be between 1 and the model's {shape.layers} layers",
+            f"use a depth such as {max(1, math.ceil(2 * shape.layers / 3))}")
+    if select not in STRATEGIES:
+        bad("select", select, "is not a selection strategy", f"use one of {', '.join(STRATEGIES)} or --keep")
+    if mlp is not None and not 1 <= mlp <= shape.mlp:
+        bad("mlp", mlp, f"must be between 1 and the current MLP width {shape.mlp} (neurons are kept, not added)",
+            f"use e.g. {shape.mlp // 2}")
+    if init not in INITS:
+        bad("init", init, "is not an initialisation", f"use one of {', '.join(INITS)}")
+    if problems:
+        raise ReshapeError(problems)
+
+    if keep_t is None:
+        keep_t = select_layers(shape.layers, depth, select)
+    return Plan(heads=heads, keep=keep_t, head_mode=head_mode,
+                mlp=None if mlp == shape.mlp else mlp, init=init)
+
+
+def rule_of_thumb(shape: Shape) -> tuple[int, int]:
+    """The paper's rough recipe when nothing is asked: double the heads where the width allows
+    (keeping head dim >= MIN_HEAD_DIM), and two thirds of the depth rounded up."""
+    heads = shape.heads * 2
+    if _head_problem(shape, heads, False) or shape.attn_width // heads < MIN_HEAD_DIM:
+        heads = shape.heads
+    return heads, math.ceil(2 * shape.layers / 3)
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+

@@ -1,0 +1,60 @@
+"""Parameter accounting and the side-by-side table that `inspect` and `convert` print."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from torch import nn
+
+from .families import Family
+from .plan import Shape
+
+
+def count_params(model: nn.Module, family: Family) -> dict[str, int]:
+    """Total parameters (tied weights once) and those outside the embeddings. Works on meta models."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = {}
+    for item in family.embedding_modules(model):
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            embedding[id(p)] = p.numel()
+    emb = sum(embedding.values())
+    return {"total": total, "embeddings": emb, "non_embedding": total - emb}
+
+
+def describe(shape: Shape, params: dict[str, int]) -> dict:
+    return {"shape": shape.to_dict(), "params": params}
+
+
+ROWS = [
+    ("layers", ("shape", "layers")),
+    ("heads", ("shape", "heads")),
+    ("KV heads", ("shape", "kv_heads")),
+    ("head dim", ("shape", "head_dim")),
+    ("hidden width", ("shape", "hidden")),
+    ("MLP width", ("shape", "mlp")),
+    ("parameters", ("params", "total")),
+    ("parameters without embeddings", ("params", "non_embedding")),
+]
+
+
+def table(title: str, source: dict, result: dict | None = None) -> Table:
+    """A rich table of a model's shape and parameters, and with a result, the change."""
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("source", justify="right")
+    if result:
+        t.add_column("result", justify="right")
+        t.add_column("change", justify="right")
+    for label, (group, key) in ROWS:
+        before = source[group][key]
+        if not result:
+            t.add_row(label, f"{before:,}")
+            continue
+        after = result[group][key]
+        if after == before:
+            change = ""
+        elif group == "params":
+            change = f"{(after - before) / before:+.1%}"
+        else:
+            change = f"x{after / before:.3g}"
+        t.add_row(label, f"{before:,}", f"{after:,}", change)
+    return t

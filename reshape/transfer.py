@@ -1,0 +1,136 @@
+"""Weight transfer, driven by the plan and a family's weight map. The algorithms live here once.
+
+- Layers: kept source layers are renumbered into the new stack; others are dropped.
+- Heads, keep-width: every Q/K/V/O shape stays, so the weights are copied bit for bit and simply
+  read as more, narrower heads.
+- Heads, keep-head-dim (Net2Net): each new head copies the Q/K/V rows of a source head (in its KV
+  group under grouped-query attention) and the output projection's columns of a source head that
+  was copied c times are divided by c, so the block computes exactly what it did.
+- MLP: the neurons whose weights have the largest norms stay.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .errors import fail
+from .families import BlockWeights, Proj
+from .plan import Plan, Shape, target_shape
+
+
+def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights: BlockWeights,
+                   shape: Shape, plan: Plan) -> dict[str, torch.Tensor]:
+    """The new model's state dict from the source's. `layers_prefix` is e.g. 'bert.encoder.layer.'."""
+    state: dict[str, torch.Tensor] = {}
+    layers: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in source.items():
+        if key.startswith(layers_prefix):
+            index, rel = key[len(layers_prefix):].split(".", 1)
+            layers[int(index)][rel] = tensor
+        else:
+            state[key] = tensor
+    new_shape = target_shape(shape, plan)
+    widen = plan.head_mode == "keep-head-dim" and plan.heads != shape.heads
+    for new_index, old_index in enumerate(plan.keep):
+        layer = dict(layers[old_index])
+        if widen:
+            _widen_heads(layer, weights, shape, new_shape)
+        if plan.mlp:
+            _keep_neurons(layer, weights, plan.mlp)
+        state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Assign `state` to `model`, after checking every key and shape (nanoGPT-style)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise fail("model", f"{len(missing)} missing / {len(unexpected)} unexpected weights",
+                   f"the rebuilt model does not match its source (e.g. {(missing + unexpected)[0]})",
+                   "report this model to reshape's issue tracker")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise fail("model", key, f"has shape {tuple(tensor.shape)} but the rebuilt model expects "
+                       f"{tuple(expected[key].shape)}", "report this model to reshape's issue tracker")
+    model.load_state_dict(state, assign=True, strict=True)
+
+
+def head_sources(shape: Shape, new_heads: int) -> list[int]:
+    """For each new head, the source head it copies. With KV groups, each new query head copies
+    a source head of the same group, spread evenly over the group."""
+    groups = shape.kv_heads if shape.grouped else shape.heads
+    old_per_group = shape.heads // groups
+    new_per_group = new_heads // groups
+    return [
+        (j // new_per_group) * old_per_group + (j % new_per_group) * old_per_group // new_per_group
+        for j in range(new_heads)
+    ]
+
+
+def _widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) -> None:
+    q_heads = head_sources(shape, new.heads)
+    # Without KV groups the K/V heads follow the query heads; with them, K/V are left as they are.
+    kv_heads = q_heads if not shape.grouped else list(range(shape.kv_heads))
+    rows = {"q": _units(q_heads, shape.head_dim), "k": _units(kv_heads, shape.head_dim),
+            "v": _units(kv_heads, shape.head_dim)}
+    width = {"q": shape.attn_width, "k": shape.kv_heads * shape.head_dim, "v": shape.kv_heads * shape.head_dim}
+    for proj in weights.attn_in:
+        offset, index = 0, []
+        for role in proj.roles:  # fused projections stack q, k, v along the output axis
+            index.append(rows[role] + offset)
+            offset += width[role]
+        _select_out(layer, proj, torch.cat(index))
+    copies = torch.bincount(torch.tensor(q_heads), minlength=shape.heads)
+    scale = (1.0 / copies[torch.tensor(q_heads)]).repeat_interleave(shape.head_dim)
+    _select_in(layer, weights.attn_out, rows["q"], scale)
+
+
+def _keep_neurons(layer: dict, weights: BlockWeights, width: int) -> None:
+    score = _norms(layer, weights.mlp_out, axis="in")
+    for proj in weights.mlp_in:
+        score = score * _norms(layer, proj, axis="out")
+    keep = torch.topk(score, width).indices.sort().values  # sorted: neuron order is kept
+    for proj in weights.mlp_in:
+        _select_out(layer, proj, keep)
+    _select_in(layer, weights.mlp_out, keep)
+
+
+def _units(heads: list[int], head_dim: int) -> torch.Tensor:
+    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _out_axis(proj: Proj) -> int:
+    return 1 if proj.conv1d else 0
+
+
+def _select_out(layer: dict, proj: Proj, index: torch.Tensor) -> None:
+    """Keep (or repeat) output features of a projection, with their bias."""
+    w = f"{proj.name}.weight"
+    layer[w] = layer[w].index_select(_out_axis(proj), index)
+    b = f"{proj.name}.bias"
+    if b in layer:
+        layer[b] = layer[b].index_select(0, index)
+
+
+def _select_in(layer: dict, proj: Proj, index: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """Keep (or repeat) input features of a projection, each optionally scaled; its bias is unchanged."""
+    w = f"{proj.name}.weight"
+    axis = 1 - _out_axis(proj)
+    selected = layer[w].index_select(axis, index)
+    if scale is not None:
+        shape = [1, 1]
+        shape[axis] = -1
+        selected = selected * scale.to(selected.dtype).view(shape)
+    layer[w] = selected
+
+
+def _norms(layer: dict, proj: Proj, axis: str) -> torch.Tensor:
+    """Per-neuron L2 norm of a projection's weight, over its output rows or input columns."""
+    weight = layer[f"{proj.name}.weight"].float()
+    neuron_axis = _out_axis(proj) if axis == "out" else 1 - _out_axis(proj)
+    return weight.norm(dim=1 - neuron_axis)
