@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,9 +14,10 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import __version__
+from .errors import fail
 from .families import ModelSpec, find_family
 from .output import check_output, copy_extra_files, model_card, staged
-from .plan import Plan, make_plan, rule_of_thumb, target_shape
+from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
 from .presets import preset_for
 from .source import Source, load_model, open_source
 from .summary import count_params, describe
@@ -56,8 +58,16 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
             heads, depth = rule_of_thumb(shape)
             log.warning("reshape: no heads/depth given; using the rule of thumb (double the heads where the "
                         "width allows, two thirds of the depth): %d heads, %d layers", heads, depth)
-    return make_plan(shape, family=family.name, heads=heads, depth=depth,
+    plan = make_plan(shape, family=family.name, heads=heads, depth=depth,
                      can_widen_attention=family.can_widen_attention, **options)
+    problem = family.config_problem(family.new_config(spec.config, shape, plan))
+    if problem:
+        legal = [h for h in legal_heads(shape, plan.head_mode == "keep-head-dim")
+                 if h >= shape.heads and not family.config_problem(
+                     family.new_config(spec.config, shape, replace(plan, heads=h)))]
+        raise fail("heads", plan.heads, f"gives a config that {family.library} refuses ({problem})",
+                   f"use one of {', '.join(map(str, legal))}")
+    return plan
 
 
 def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0,

@@ -61,9 +61,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def head_sources(shape: Shape, new_heads: int) -> list[int]:
-    """For each new head, the source head it copies. With KV groups, each new query head copies
-    a source head of the same group, spread evenly over the group."""
-    groups = shape.kv_heads if shape.grouped else shape.heads
+    """For each new head, the source head it copies, spread evenly. With KV groups, each new query
+    head copies a source head of its own group, so it keeps attending with the same K/V."""
+    groups = shape.kv_heads if shape.grouped else 1
     old_per_group = shape.heads // groups
     new_per_group = new_heads // groups
     return [

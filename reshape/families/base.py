@@ -79,5 +79,9 @@ class Family(ABC):
     def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
         """Write a folder that the family's own library loads: config.json and model.safetensors."""
 
+    def config_problem(self, config: Any) -> str | None:
+        """Why the family's own library would refuse this config when loading it, or None."""
+        return None
+
     def finalize(self, model: nn.Module) -> None:
         """Restore what assigning a state dict undoes (e.g. tied weights)."""

@@ -87,6 +87,15 @@ class HFFamily(Family):
                 setattr(config, key, [values[i] for i in plan.keep])
         return config
 
+    def config_problem(self, config):
+        # Round-trip through the class's own validation, as from_pretrained would (e.g. LlamaConfig
+        # insists that heads divide hidden_size even though head_dim is its own key).
+        try:
+            type(config).from_dict(config.to_dict())
+        except Exception as e:  # the library's validators raise various types
+            return str(e).strip().splitlines()[-1]
+        return None
+
     def build(self, spec, empty):
         if empty:
             # Parameters on the meta device (no init cost, assigned later); buffers stay real.

@@ -78,8 +78,9 @@ class TimmViT(Family):
                 model = self._create(spec.config)
         else:
             model = self._create(spec.config)
-        if spec.config.get("pretrained_cfg"):
-            model.pretrained_cfg = copy.deepcopy(spec.config["pretrained_cfg"])
+        if spec.config.get("pretrained_cfg"):  # keep the source's preprocessing and labels
+            model.pretrained_cfg = {**copy.deepcopy(spec.config["pretrained_cfg"]),
+                                    "architecture": spec.config["architecture"]}
         return model
 
     def embedding_modules(self, model):
