@@ -90,8 +90,10 @@ def target_shape(shape: Shape, plan: Plan) -> Shape:
     )
 
 
-def legal_heads(shape: Shape, keep_head_dim: bool, limit: int = 64) -> list[int]:
-    """Head counts the plan accepts for this shape (ignoring the minimum head dim), up to `limit`."""
+def legal_heads(shape: Shape, keep_head_dim: bool) -> list[int]:
+    """Head counts the plan accepts for this shape, ignoring the minimum head dim: up to a head dim
+    of MIN_HEAD_DIM at the same width, or up to 4x the heads when the width grows."""
+    limit = 4 * shape.heads if keep_head_dim else shape.attn_width // MIN_HEAD_DIM
     return [h for h in range(1, limit + 1) if not _head_problem(shape, h, keep_head_dim)]
 
 
@@ -145,7 +147,7 @@ def make_plan(
     else:
         reason = _head_problem(shape, heads, keep_head_dim)
         if reason:
-            legal = [h for h in legal_heads(shape, keep_head_dim, limit=max(64, 4 * shape.heads))
+            legal = [h for h in legal_heads(shape, keep_head_dim)
                      if (h >= shape.heads or allow_fewer_heads)
                      and (keep_head_dim or force or shape.attn_width // h >= MIN_HEAD_DIM)]
             bad("heads", heads, reason, f"use one of {', '.join(map(str, legal))}")
