@@ -83,7 +83,7 @@ tags:
 
 # {recipe['source']} — leaner
 
-Rebuilt by [reshape](https://pypi.org/project/reshape/) {recipe['reshape_version']} from `{recipe['source']}` with
+Rebuilt by reshape {recipe['reshape_version']} from `{recipe['source']}` with
 more attention heads and fewer layers ("Leaner Transformers: More Heads, Less Depth", arXiv 2505.20802).
 Initialised by `{recipe['plan']['init']}`; not yet distilled or fine-tuned.
 
