@@ -7,7 +7,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import fail
+from .errors import Problem
 
 # Source files that the new folder must not inherit: the family writes its own config and weights,
 # and the card and recipe describe the new model.
@@ -15,14 +15,21 @@ NOT_COPIED = ("config.json", "README.md", "reshape.json", ".gitattributes", "*.s
               "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "*.index.json", ".cache")
 
 
-def check_output(out: Path, overwrite: bool, source_folder: Path | None = None) -> None:
-    """Refuse an OUT that would damage something, before any work is done."""
+def output_problems(out: Path, overwrite: bool, source_folder: Path | None = None) -> list[Problem]:
+    """What is wrong with writing to OUT: anything that would damage the user's files."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
-        raise fail("out", out, "is a file", "choose a folder path")
-    if source_folder is not None and out.exists() and out.resolve() == Path(source_folder).resolve():
-        raise fail("out", out, "is the source model's own folder", "choose another folder")
+        return [Problem("out", out, "is a file", "choose a folder path")]
+    problems = []
+    if source_folder is not None:
+        source, target = Path(source_folder).resolve(), out.resolve()
+        if target == source or source in target.parents:
+            problems.append(Problem("out", out, "is inside the source model's folder", "choose a folder outside it"))
+        elif target in source.parents:
+            problems.append(Problem("out", out, "contains the source model", "choose a folder that does not"))
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise fail("out", out, "is not empty", "pass --overwrite to replace it, or choose another folder")
+        problems.append(Problem("out", out, "is not empty", "pass --overwrite to replace it, or choose another folder"))
+    return problems
 
 
 @contextmanager

@@ -14,9 +14,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import __version__
-from .errors import fail
+from .errors import ReshapeError, fail
 from .families import ModelSpec, find_family
-from .output import check_output, copy_extra_files, model_card, staged
+from .output import copy_extra_files, model_card, output_problems, staged
 from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
 from .presets import preset_for
 from .source import Source, load_model, open_source
@@ -96,10 +96,15 @@ def convert(source: str, out: str | Path, heads: int | None = None, depth: int |
             **options) -> dict:
     """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe."""
     out = Path(out)
-    check_output(out, overwrite)
-    src = open_source(source, trust_remote_code)
-    check_output(out, overwrite, src.folder)
-    plan = plan_for(src.spec, heads, depth, src.preset, **options)
+    problems = output_problems(out, overwrite)
+    try:  # report output and model problems together
+        src = open_source(source, trust_remote_code)
+        problems = output_problems(out, overwrite, src.folder)
+        plan = plan_for(src.spec, heads, depth, src.preset, **options)
+    except ReshapeError as e:
+        raise ReshapeError(problems + e.problems) from None
+    if problems:
+        raise ReshapeError(problems)
     family = src.spec.family
     with _steps(progress) as step:
         with step(f"Loading {source}"):

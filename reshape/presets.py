@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from importlib import resources
@@ -32,6 +33,7 @@ class Preset:
         return folder if (folder / "config.json").is_file() else None
 
 
+@functools.cache
 def load_presets() -> dict[str, Preset]:
     found = {}
     for entry in resources.files("reshape._presets").iterdir():

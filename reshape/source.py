@@ -38,15 +38,16 @@ def open_source(name: str, trust_remote_code: bool = False) -> Source:
     """Resolve `name` and read its config (not its weights)."""
     presets = load_presets()
     hub_id = None
-    if name in presets:
+    path = Path(name)
+    if (path / "config.json").is_file():  # a local model folder wins over an alias of the same name
+        folder = path
+    elif name in presets:
         preset = presets[name]
         hub_id = preset.hub_id
         folder = preset.local_folder() or _download(preset.hub_id, name)
-    elif Path(name).exists():
-        folder = Path(name)
-        if not (folder / "config.json").is_file():
-            raise fail("model", name, "is not a model folder (it has no config.json)",
-                       "point to a folder written by save_pretrained or timm's save_for_hf")
+    elif path.exists():
+        raise fail("model", name, "is not a model folder (it has no config.json)",
+                   "point to a folder written by save_pretrained or timm's save_for_hf")
     else:
         hub_id = name
         folder = _download(name, name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import init_empty_weights
+from transformers.initialization import no_init_weights
 
 from ..plan import Plan, Shape, target_shape
 from .base import BlockWeights, Family, ModelSpec, Proj
@@ -97,11 +98,14 @@ class HFFamily(Family):
         return None
 
     def build(self, spec, empty):
-        if empty:
-            # Parameters on the meta device (no init cost, assigned later); buffers stay real.
-            with init_empty_weights(include_buffers=False):
-                return spec.cls(spec.config)
-        return spec.cls(spec.config)
+        if not empty:
+            return spec.cls(spec.config)
+        # Parameters on the meta device, to be assigned; buffers stay real. Skipping the
+        # initialisers matters: they run even on meta tensors and cost more than the weight transfer.
+        with no_init_weights(), init_empty_weights(include_buffers=False):
+            model = spec.cls(spec.config)
+        model.tie_weights()  # so that parameter counts see tied weights once
+        return model
 
     def embedding_modules(self, model):
         return [getattr(model.base_model, name) for name in self.embeddings]
