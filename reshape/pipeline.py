@@ -16,10 +16,10 @@ from torch import nn
 from . import __version__
 from .errors import ReshapeError, fail
 from .families import ModelSpec, find_family
-from .output import copy_extra_files, model_card, output_problems, staged
+from .output import model_card, output_problems, staged
 from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
 from .presets import preset_for
-from .source import Source, load_model, open_source
+from .source import Source, load_model, open_source, save_tokenizer_files
 from .summary import count_params, describe
 from .transfer import load_into, transfer_state
 
@@ -115,7 +115,7 @@ def convert(source: str, out: str | Path, heads: int | None = None, depth: int |
             del model
         with step(f"Saving to {out}"), staged(out) as tmp:
             family.save(new, new_spec, tmp)
-            recipe["copied_files"] = copy_extra_files(src.folder, tmp)
+            recipe["copied_files"] = save_tokenizer_files(src, tmp)
             (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(recipe, family.library))
     return recipe

@@ -21,6 +21,7 @@ class Preset:
     source: str  # where the recommendation comes from
     offline_package: str | None = None  # a Python package that ships the weights, used when installed
     offline_path: str = ""
+    gguf_file: str | None = None  # the offline copy is this GGUF file instead of a model folder
 
     def local_folder(self) -> Path | None:
         """The folder of the offline package's copy, if that package is installed."""
@@ -30,7 +31,7 @@ class Preset:
         if spec is None or not spec.submodule_search_locations:
             return None
         folder = Path(spec.submodule_search_locations[0]) / self.offline_path
-        return folder if (folder / "config.json").is_file() else None
+        return folder if (folder / (self.gguf_file or "config.json")).is_file() else None
 
 
 @functools.cache

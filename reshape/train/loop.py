@@ -1,0 +1,208 @@
+"""The training loop, on accelerate: one loop for fine-tuning and distillation.
+
+The caller gives a loss function and, optionally, an evaluation function; the loop owns the rest:
+mixed precision where the hardware supports it, gradient accumulation, evaluation every N steps,
+best and last checkpoints, exact resume, a rich progress bar and a JSON-lines metrics log. It runs
+unchanged under `accelerate launch` (DDP, FSDP): accelerate shards the data and syncs gradients.
+
+Resume is exact because everything that decides the next step is restored: weights, optimizer,
+scheduler and RNG states (accelerate's save_state), and the data order, which a seedable sampler
+derives from (seed, epoch) alone, so the interrupted epoch is replayed and its consumed batches skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import fail
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]  # must include "score" (higher is better)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when given
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    eval_every: int | None = None  # optimizer steps; None evaluates once, at the end
+    log_every: int = 10
+    save_every: int = 50  # optimizer steps between "last" checkpoints (and always at the end)
+    mixed_precision: str = "auto"  # "auto": bf16 on a CUDA device that supports it, else full precision
+    seed: int = 0
+
+    def fingerprint(self, extra: dict) -> str:
+        """Identifies a run, so a checkpoint is only resumed by the run that wrote it."""
+        text = json.dumps({**asdict(self), **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def mixed_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, out: Path, config: TrainConfig,
+          *, eval_fn: EvalFn | None = None, resume: bool = False, run: dict | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train `model` in place; keep checkpoints in out/checkpoints and metrics in out/metrics.jsonl.
+
+    Returns a summary: steps, final and best evaluation. The best weights (by eval "score") are loaded
+    back into `model` at the end when an eval function is given.
+    """
+    out = Path(out)
+    set_seed(config.seed)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    # A generator of its own: starting an epoch's iterator must not draw from the global RNG that
+    # dropout uses, or a resumed run (which starts its epoch at a different moment) would drift.
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(config.seed))
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (total - s) / max(1, total - warmup)))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    fingerprint = config.fingerprint(run or {})
+    checkpoints = out / "checkpoints"
+    state = {"step": 0, "fingerprint": fingerprint, "best": None, "last_eval": None}
+    if resume:
+        state = _load_checkpoint(accelerator, checkpoints / "last", fingerprint)
+    metrics = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with metrics.open("a") as f:
+                f.write(json.dumps({"step": state["step"], **record}) + "\n")
+
+    def evaluate() -> None:
+        if eval_fn is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            result = eval_fn(accelerator.unwrap_model(model))
+        model.train()
+        state["last_eval"] = result
+        log({"eval": result})
+        if state["best"] is None or result["score"] > state["best"]["score"]:
+            state["best"] = {**result, "step": state["step"]}
+            _save_checkpoint(accelerator, checkpoints / "best", state)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+               TimeRemainingColumn())
+    show = progress and accelerator.is_main_process
+    model.train()
+    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
+        task = bar.add_task("training", total=total, completed=state["step"], loss="-", speed="-")
+        epoch = state["step"] // steps_per_epoch
+        while state["step"] < total:
+            loader.set_epoch(epoch)
+            done_in_epoch = (state["step"] - epoch * steps_per_epoch) * config.grad_accum
+            batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+            started, samples, running = time.perf_counter(), 0, []
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss, parts = loss_fn(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                samples += _batch_size(batch) * accelerator.num_processes
+                running.append(loss.detach().float().item())
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                speed = samples / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, completed=state["step"], loss=f"{sum(running) / len(running):.4f}",
+                           speed=f"{speed:.1f}")
+                if state["step"] % config.log_every == 0 or state["step"] == total:
+                    log({"loss": sum(running) / len(running), **parts, "lr": scheduler.get_last_lr()[0],
+                         "samples_per_s": speed, "epoch": epoch})
+                    running = []
+                if config.eval_every and state["step"] % config.eval_every == 0:
+                    evaluate()
+                if state["step"] % config.save_every == 0 or state["step"] >= total:
+                    _save_checkpoint(accelerator, checkpoints / "last", state)
+                if state["step"] >= total:
+                    break
+            epoch += 1
+    if not config.eval_every or state["step"] % config.eval_every:
+        evaluate()
+    model = accelerator.unwrap_model(model)
+    if state["best"] is not None and state["best"]["step"] != state["step"]:
+        accelerator.load_state(str(checkpoints / "best"))
+    return {"steps": state["step"], "last_eval": state["last_eval"], "best": state["best"],
+            "fingerprint": fingerprint}
+
+
+def _batch_size(batch: Any) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(first)
+
+
+def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> None:
+    """Write a checkpoint beside the old one and swap it in, so an interruption never leaves a
+    half-written checkpoint as the only one. Every process writes its own RNG state into it."""
+    main = accelerator.is_main_process
+    tmp, old = folder.parent / f".{folder.name}.tmp", folder.parent / f".{folder.name}.old"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if main:
+        (tmp / "reshape_train_state.json").write_text(json.dumps(state, indent=2))
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator: Accelerator, folder: Path, fingerprint: str) -> dict:
+    state_file = folder / "reshape_train_state.json"
+    if not state_file.is_file():
+        raise fail("resume", folder, "has no checkpoint to resume from", "run without --resume to start afresh")
+    state = json.loads(state_file.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise fail("resume", folder, "is a checkpoint of a different run (model, data or settings differ)",
+                   "resume with the same command, or start afresh in another output folder")
+    accelerator.load_state(str(folder))
+    return state
+
+
+def clear_checkpoints(out: Path) -> None:
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)

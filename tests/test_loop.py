@@ -1,0 +1,90 @@
+"""The training loop: exact resume, checkpoints, metrics log, refusing another run's checkpoint."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from reshape.errors import ReshapeError
+from reshape.train.loop import TrainConfig, train
+
+X = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+Y = (X.sum(1) > 0).long()
+DATA = [{"x": X[i], "y": Y[i]} for i in range(40)]
+
+
+def collate(items):
+    return {"x": torch.stack([i["x"] for i in items]), "y": torch.stack([i["y"] for i in items])}
+
+
+def model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 2))  # dropout uses the RNG
+
+
+def loss_fn(m, batch):
+    return nn.functional.cross_entropy(m(batch["x"]), batch["y"]), {}
+
+
+def accuracy(m):
+    acc = (m(X).argmax(1) == Y).float().mean().item()
+    return {"score": acc, "accuracy": acc}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_at(call: int):
+    calls = []
+
+    def fn(m, batch):
+        calls.append(1)
+        if len(calls) == call:
+            raise Interrupt  # as Ctrl-C would, in the middle of an epoch
+        return loss_fn(m, batch)
+
+    return fn
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, grad_accum):
+    config = TrainConfig(max_steps=9, batch_size=6, lr=1e-2, grad_accum=grad_accum, save_every=2, log_every=1)
+    straight = model()
+    train(straight, loss_fn, DATA, collate, tmp_path / "a", config, progress=False)
+
+    # Interrupted mid-epoch (7 batches an epoch); the last checkpoint, at step 6, is behind the interruption.
+    with pytest.raises(Interrupt):
+        train(model(), interrupted_at(8 if grad_accum == 1 else 12), DATA, collate, tmp_path / "b", config,
+              progress=False)
+    state = json.loads((tmp_path / "b/checkpoints/last/reshape_train_state.json").read_text())
+    assert state["step"] == 6
+    resumed = model()  # as in a fresh process
+    summary = train(resumed, loss_fn, DATA, collate, tmp_path / "b", config, resume=True, progress=False)
+    assert summary["steps"] == 9
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    train(model(), loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=2, batch_size=8), progress=False)
+    with pytest.raises(ReshapeError, match="resume=.*last: is a checkpoint of a different run"):
+        train(model(), loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=2, batch_size=8, lr=1.0),
+              resume=True, progress=False)
+    with pytest.raises(ReshapeError, match="has no checkpoint to resume from"):
+        train(model(), loss_fn, DATA, collate, tmp_path / "new", TrainConfig(max_steps=2), resume=True, progress=False)
+
+
+def test_evaluation_best_checkpoint_and_metrics_log(tmp_path):
+    m = model()
+    summary = train(m, loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=6, batch_size=8, lr=5e-2,
+                    eval_every=2, log_every=3), eval_fn=accuracy, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [3, 6]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    best = max(evals, key=lambda r: r["eval"]["score"])
+    assert summary["best"]["step"] == best["step"] and summary["best"]["score"] == best["eval"]["score"]
+    assert accuracy(m.eval())["score"] == best["eval"]["score"]  # the best weights are loaded back
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "last"]
