@@ -56,19 +56,20 @@ def _setup(quiet: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
-def _parse_keep(keep: str | None) -> list[int] | None:
+def _parse_indices(value: str | None, field: str) -> list[int] | None:
     from .errors import fail
 
-    if keep is None:
+    if value is None:
         return None
     try:
-        return [int(part) for part in keep.split(",") if part.strip()]
+        return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        raise fail("keep", keep, "is not a comma-separated list of layer indices", "write e.g. --keep 0,2,4") from None
+        raise fail(field, value, "is not a comma-separated list of layer indices",
+                   f"write e.g. --{field.replace('_', '-')} 0,2,4") from None
 
 
 def _plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force) -> dict:
-    return dict(keep=_parse_keep(keep), select=select, keep_head_dim=keep_head_dim, mlp=mlp, init=init,
+    return dict(keep=_parse_indices(keep, "keep"), select=select, keep_head_dim=keep_head_dim, mlp=mlp, init=init,
                 allow_fewer_heads=allow_fewer_heads, force=force)
 
 
@@ -139,6 +140,113 @@ def inspect(
     out_console.print(table(f"{model} ({report['family']})", report["source"], report.get("result")))
     if "plan" in report:
         out_console.print(f"Kept layers: {report['plan']['keep']}")
+
+
+Data = Annotated[str, typer.Option(help="Recipe name (rotten-tomatoes, hamlet, ...), a local file or folder, "
+                                          "or a Hub dataset id.")]
+TextColumn = Annotated[Optional[str], typer.Option(help="Text column (guessed when absent).")]
+LabelColumn = Annotated[Optional[str], typer.Option(help="Label column (guessed when absent).")]
+Task = Annotated[str, typer.Option(help="seq-cls, masked-lm or causal-lm.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be empty or absent).")]
+Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")]
+Epochs = Annotated[float, typer.Option(help="Passes over the training split.")]
+BatchSize = Annotated[int, typer.Option(help="Examples per batch and process.")]
+Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and decay).")]
+GradAccum = Annotated[int, typer.Option(help="Batches per optimizer step.")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at the end).")]
+MaxLength = Annotated[int, typer.Option(help="Tokens per example after truncation.")]
+Seed = Annotated[int, typer.Option(help="Seed for data order, dropout and fresh heads.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 on a supporting GPU), no, fp16 or bf16.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT's last checkpoint.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+KeepCheckpoints = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep OUT/checkpoints after training.")]
+
+
+def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision):
+    from .train.loop import TrainConfig
+
+    return TrainConfig(max_steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, grad_accum=grad_accum,
+                       eval_every=eval_every, seed=seed, mixed_precision=precision)
+
+
+def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> None:
+    if json_output:
+        print(json.dumps(result, indent=2, default=str))
+    elif not quiet:
+        best = result.get("best") or result
+        shown = {k: v for k, v in best.items() if isinstance(v, (int, float)) and k != "score"}
+        out_console.print(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+
+
+@app.command()
+def finetune(
+    model: Model, task: Task, data: Data, out: Out,
+    text_column: TextColumn = None, label_column: LabelColumn = None,
+    lora: Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank; merged on save.")] = None,
+    steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
+    eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
+    quiet: Quiet = False, json_output: Json = False,
+):
+    """Fine-tune MODEL on a task; write the best checkpoint to OUT."""
+    _setup(quiet or json_output)
+    with _user_errors():
+        from .train.finetune import finetune as run
+
+        result = run(model, out, task=task, data=data, text_column=text_column, label_column=label_column,
+                     max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
+                     keep_checkpoints=keep_checkpoints, progress=not (quiet or json_output),
+                     config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
+                                          mixed_precision))
+    _print_result(result, json_output, quiet, f"Wrote {out}; best test")
+
+
+@app.command("eval")
+def evaluate(
+    model: Model, task: Task, data: Data, text_column: TextColumn = None, label_column: LabelColumn = None,
+    max_length: MaxLength = 128, seed: Seed = 0, json_output: Json = False,
+):
+    """Score MODEL on the test split of DATA: accuracy and F1, or perplexity."""
+    _setup(json_output)
+    with _user_errors():
+        from .train.finetune import evaluate as run
+
+        result = run(model, task=task, data=data, text_column=text_column, label_column=label_column,
+                     max_length=max_length, seed=seed)
+    _print_result(result, json_output, False, f"{model} on {data}")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str, typer.Option(help="The source model (alias, folder or Hub id).")],
+    student: Annotated[str, typer.Option(help="The converted model folder (with its reshape.json).")],
+    data: Data, out: Out, text_column: TextColumn = None,
+    kl: Annotated[float, typer.Option(help="Weight of the logit KL term.")] = 1.0,
+    hidden: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = 1.0,
+    pooled: Annotated[float, typer.Option(help="Weight of the pooled-embedding cosine term.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
+    hidden_kind: Annotated[str, typer.Option(help="mse or cosine.")] = "mse",
+    layer_map: Annotated[Optional[str], typer.Option(
+        help="Teacher layer for each student layer, e.g. 0,2,3,5 (default: reshape.json's kept layers).")] = None,
+    steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
+    eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
+    quiet: Quiet = False, json_output: Json = False,
+):
+    """Distil the STUDENT from the TEACHER on text; write it to OUT."""
+    _setup(quiet or json_output)
+    with _user_errors():
+        from .train.distill import distill as run
+        from .train.losses import DistillWeights
+
+        result = run(teacher, student, out, data=data, text_column=text_column,
+                     weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled), temperature=temperature,
+                     hidden_kind=hidden_kind, explicit_map=_parse_indices(layer_map, "layer_map"),
+                     max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
+                     progress=not (quiet or json_output),
+                     config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
+                                          mixed_precision))
+    _print_result(result, json_output, quiet, f"Wrote {out}; best held-out")
 
 
 def main():  # console-script entry point

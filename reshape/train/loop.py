@@ -129,8 +129,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
             loader.set_epoch(epoch)
             done_in_epoch = (state["step"] - epoch * steps_per_epoch) * config.grad_accum
             batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
-            started, samples, running = time.perf_counter(), 0, []
+            busy, samples, running = 0.0, 0, []  # training time only: evaluation and saving excluded
             for batch in batches:
+                started = time.perf_counter()
                 with accelerator.accumulate(model):
                     loss, parts = loss_fn(model, batch)
                     accelerator.backward(loss)
@@ -141,10 +142,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
                     optimizer.zero_grad()
                 samples += _batch_size(batch) * accelerator.num_processes
                 running.append(loss.detach().float().item())
+                busy += time.perf_counter() - started
                 if not accelerator.sync_gradients:
                     continue
                 state["step"] += 1
-                speed = samples / max(time.perf_counter() - started, 1e-9)
+                speed = samples / max(busy, 1e-9)
                 bar.update(task, completed=state["step"], loss=f"{sum(running) / len(running):.4f}",
                            speed=f"{speed:.1f}")
                 if state["step"] % config.log_every == 0 or state["step"] == total:

@@ -1,0 +1,118 @@
+"""Tasks: which model class, how a batch is built, and how a model is scored.
+
+One table drives fine-tuning, distillation and evaluation, so a task is defined in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import fail
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str  # the transformers Auto class that adds this task's head
+    labelled: bool  # batches carry class labels
+    metric: str  # the "score" that picks the best checkpoint (higher is better)
+
+
+TASKS = {
+    "seq-cls": Task("seq-cls", "AutoModelForSequenceClassification", True, "accuracy"),
+    "masked-lm": Task("masked-lm", "AutoModelForMaskedLM", False, "neg_perplexity"),
+    "causal-lm": Task("causal-lm", "AutoModelForCausalLM", False, "neg_perplexity"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise fail("task", name, "is not a task reshape can train or evaluate yet",
+                   f"use one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def load_model(path, task: Task, label_names: list[str] | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The model at `path` with `task`'s head (a fresh head when the checkpoint has none)."""
+    import transformers
+
+    kwargs = {}
+    if task.labelled and label_names:
+        kwargs = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={n: i for i, n in enumerate(label_names)})
+    try:
+        return getattr(transformers, task.auto_class).from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                     **kwargs)
+    except ValueError as e:  # the Auto class has no mapping for this model type
+        raise fail("task", task.name, f"does not fit the model at {path} ({str(e).splitlines()[0][:160]})",
+                   "choose a task this model supports") from None
+
+
+def collator(tokenizer, task: Task, max_length: int) -> Callable[[list[dict]], dict]:
+    """Tokenise a list of {"text", "label"?} rows into a padded batch with the loss's labels."""
+    if tokenizer.pad_token is None:  # decoders often ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def collate(rows: list[dict]) -> dict:
+        batch = dict(tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length, padding=True,
+                               return_tensors="pt"))
+        if task.labelled:
+            batch["labels"] = torch.tensor([r["label"] for r in rows])
+        elif task.name == "causal-lm":
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        elif task.name == "masked-lm":
+            batch["input_ids"], batch["labels"] = _mask_tokens(batch["input_ids"], batch["attention_mask"],
+                                                               tokenizer)
+        return batch
+
+    return collate
+
+
+def _mask_tokens(ids: torch.Tensor, attention: torch.Tensor, tokenizer, rate: float = 0.15):
+    """BERT-style masking: 15% of real tokens become [MASK]; only they are scored."""
+    special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+                            for row in ids.tolist()], dtype=torch.bool)
+    chosen = (torch.rand(ids.shape) < rate) & attention.bool() & ~special
+    labels = ids.masked_fill(~chosen, -100)
+    return ids.masked_fill(chosen, tokenizer.mask_token_id), labels
+
+
+@torch.no_grad()
+def score(model: nn.Module, rows, collate, task: Task, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy and macro F1 for classification; perplexity for language models."""
+    model.eval()
+    device = next(model.parameters()).device
+    predictions, labels, loss_sum, tokens = [], [], 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size,
+                                                                                       len(rows)))]).items()}
+        out = model(**batch)
+        if task.labelled:
+            predictions.append(out.logits.argmax(-1).cpu())
+            labels.append(batch["labels"].cpu())
+        else:
+            counted = int((batch["labels"] != -100).sum()) - (batch["labels"].shape[0] if task.name == "causal-lm"
+                                                               else 0)
+            loss_sum += out.loss.item() * counted
+            tokens += counted
+    if task.labelled:
+        pred, gold = torch.cat(predictions), torch.cat(labels)
+        return {"accuracy": (pred == gold).float().mean().item(), "f1": _macro_f1(pred, gold),
+                "score": (pred == gold).float().mean().item(), "examples": len(gold)}
+    perplexity = math.exp(loss_sum / max(tokens, 1))
+    return {"perplexity": perplexity, "score": -perplexity, "tokens": tokens}
+
+
+def _macro_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
+    scores = []
+    for c in torch.unique(torch.cat([pred, gold])):
+        tp = ((pred == c) & (gold == c)).sum().item()
+        fp = ((pred == c) & (gold != c)).sum().item()
+        fn = ((pred != c) & (gold == c)).sum().item()
+        scores.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return sum(scores) / len(scores)

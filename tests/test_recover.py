@@ -1,0 +1,147 @@
+"""Fine-tuning, evaluation and distillation on tiny models and tiny in-code data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+import reshape
+from reshape.errors import ReshapeError
+from reshape.train.distill import distill
+from reshape.train.finetune import evaluate, finetune
+from reshape.train.loop import TrainConfig
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny BERT with a real WordPiece tokenizer, a 3-layer student converted from it, and a CSV task
+    whose label is whether a review uses a positive word."""
+    root = tmp_path_factory.mktemp("recover")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "the", "film", "was", "very"]
+    tokenizer = tf.BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    torch.manual_seed(0)
+    teacher = tf.BertForMaskedLM(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
+                                               num_attention_heads=2, intermediate_size=64,
+                                               max_position_embeddings=16))
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    reshape.convert(str(root / "teacher"), root / "student", heads=4, depth=3)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(120):
+        word = WORDS[int(torch.randint(0, 6, (1,), generator=g))]
+        rows.append(f"the film was very {word},{int(word in WORDS[:3])}")
+    (root / "reviews.csv").write_text("review,positive\n" + "\n".join(rows) + "\n")
+    (root / "text.txt").write_text("\n".join(r.split(",")[0] for r in rows) + "\n")
+    return root
+
+
+def test_finetune_learns_the_task_and_eval_agrees(folders, tmp_path):
+    out = tmp_path / "ft"
+    result = finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"),
+                      label_column="positive", config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
+    assert result["steps"] == 60 and result["test_examples"] == 24
+    assert result["best"]["accuracy"] == 1.0  # one word decides the label: a tiny model learns it
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "finetune.json", "metrics.jsonl",
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    scored = evaluate(out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive")
+    assert scored["accuracy"] == result["best"]["accuracy"] and scored["examples"] == 24
+
+
+def test_lora_adapters_are_merged_into_a_plain_model(folders, tmp_path):
+    out = tmp_path / "lora"
+    finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",
+             lora=4, config=TrainConfig(max_steps=3, batch_size=16))
+    code = ("import sys, transformers; m = transformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]);"
+            "assert not any('lora' in n for n, _ in m.named_parameters()); print(m.config.num_hidden_layers)")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "3"
+
+
+def test_masked_lm_perplexity(folders):
+    scored = evaluate(folders / "teacher", task="masked-lm", data=str(folders / "text.txt"))
+    assert scored["tokens"] > 0 and 1 < scored["perplexity"] < 1000
+
+
+def test_eval_refuses_a_model_without_the_task_head(folders):
+    with pytest.raises(ReshapeError, match="task=seq-cls: needs 2 labels but the model has"):
+        tf.BertForSequenceClassification.from_pretrained(folders / "student", num_labels=3).save_pretrained(
+            folders / "three-labels")
+        evaluate(folders / "three-labels", task="seq-cls", data=str(folders / "reviews.csv"),
+                 label_column="positive")
+
+
+def test_distillation_brings_the_student_closer_to_its_teacher(folders, tmp_path):
+    out = tmp_path / "distilled"
+    result = distill(str(folders / "teacher"), folders / "student", out, data=str(folders / "text.txt"),
+                     config=TrainConfig(max_steps=40, batch_size=16, lr=3e-3, eval_every=40))
+    assert result["layer_map"] == [0, 2, 3]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r)
+    assert result["best"]["distill_loss"] < first["loss"] / 2
+    recipe = json.loads((out / "reshape.json").read_text())
+    assert recipe["plan"]["keep"] == [0, 2, 3] and recipe["distillation"]["steps"] == 40
+    assert tf.AutoModelForMaskedLM.from_pretrained(out).config.num_attention_heads == 4
+
+
+def test_distill_needs_a_layer_map_without_reshape_json(folders, tmp_path):
+    plain = tmp_path / "plain-student"
+    tf.BertForMaskedLM.from_pretrained(folders / "student").save_pretrained(plain)
+    tf.BertTokenizerFast.from_pretrained(folders / "student").save_pretrained(plain)
+    with pytest.raises(ReshapeError, match="layer_map=None: the student has no reshape.json.*--layer-map 0,2,3"):
+        distill(str(folders / "teacher"), plain, tmp_path / "out", data=str(folders / "text.txt"))
+    assert not (tmp_path / "out").exists()
+    result = distill(str(folders / "teacher"), plain, tmp_path / "out", data=str(folders / "text.txt"),
+                     explicit_map=[1, 2, 3], config=TrainConfig(max_steps=1, batch_size=8))
+    assert result["layer_map"] == [1, 2, 3]
+
+
+def test_distill_refuses_a_student_of_another_family(folders, tmp_path):
+    other = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=15, bos_token_id=0,
+                                     eos_token_id=0)).save_pretrained(other)
+    with pytest.raises(ReshapeError, match="student=.*gpt2: is a gpt2 model but the teacher is bert"):
+        distill(str(folders / "teacher"), other, tmp_path / "out", data=str(folders / "text.txt"))
+
+
+def cli(*args):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "1000"}
+    return subprocess.run([sys.executable, "-m", "reshape.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+def test_cli_finetune_then_eval(folders, tmp_path):
+    out = tmp_path / "ft"
+    done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
+               "--label-column", "positive", "-o", out, "--steps", 4, "--batch-size", 16, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 4
+    scored = cli("eval", out, "--task", "seq-cls", "--data", folders / "reviews.csv", "--label-column", "positive",
+                 "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert set(json.loads(scored.stdout)) == {"accuracy", "f1", "score", "examples"}
+
+
+def test_cli_bad_training_input(folders, tmp_path):
+    done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
+               "--label-column", "mood", "-o", tmp_path / "out")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: label_column=mood: is not a column of reviews.csv; use one of review, positive")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_distill_and_resume_of_another_run(folders, tmp_path):
+    out = tmp_path / "distilled"
+    args = ["distill", "--teacher", folders / "teacher", "--student", folders / "student", "--data",
+            folders / "text.txt", "-o", out, "--steps", 2, "--batch-size", 8, "--keep-checkpoints", "--quiet"]
+    done = cli(*args)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    again = cli(*args[:-2], "--lr", "0.5", "--resume")
+    assert again.returncode == 2
+    assert "is a checkpoint of a different run" in again.stderr and "Traceback" not in again.stderr
