@@ -4,7 +4,7 @@ The baseline and the leaner model get the same fine-tuning budget and the same h
 the script prints parameters, test accuracy and CPU latency per batch for both. Offline, on the real
 all-MiniLM-L6-v2 weights and real review snippets (see the README for how they install).
 
-    python examples/minilm_sentiment.py [--distill-steps 150] [--epochs 1] [--smoke]
+    python examples/minilm_sentiment.py [--distill-steps 150] [--epochs 1] [--select importance] [--smoke]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--distill-steps", type=int, default=150)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--select", default="uniform", choices=["uniform", "importance"],
+                        help="which 4 of the 6 layers stay: evenly spaced, or by Block Influence on review text")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the pipeline")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -65,8 +67,11 @@ def main() -> None:
     distill_budget = TrainConfig(max_steps=2 if args.smoke else args.distill_steps, batch_size=32, lr=1e-4)
     baseline = load_presets()["minilm"].local_folder()
 
-    console.rule("1/4 convert: 6 x 12 -> 4 x 24")
-    reshape.convert("minilm", work / "leaner", heads=24, depth=4, overwrite=True, progress=True)
+    console.rule(f"1/4 convert: 6 x 12 -> 4 x 24, {args.select} layer selection")
+    calib = "rotten-tomatoes-full" if args.select == "importance" else None
+    recipe = reshape.convert("minilm", work / "leaner", heads=24, depth=4, select=args.select, calib=calib,
+                             overwrite=True, progress=True)
+    console.print(f"kept layers {recipe['plan']['keep']}", recipe.get("layer_scores", ""))
     console.rule(f"2/4 distill on rotten-tomatoes-full text ({distill_budget.max_steps} steps)")
     distill("minilm", work / "leaner", work / "distilled", data="rotten-tomatoes-full", config=distill_budget,
             max_length=64, overwrite=True, progress=True)

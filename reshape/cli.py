@@ -23,7 +23,8 @@ Model = Annotated[str, typer.Argument(help="Hub id, local model folder, or prese
 Heads = Annotated[Optional[int], typer.Option(help="New number of attention heads.")]
 Depth = Annotated[Optional[int], typer.Option(help="New number of layers.")]
 Keep = Annotated[Optional[str], typer.Option(help="Explicit layers to keep, e.g. 0,2,4,7,9,11.")]
-Select = Annotated[str, typer.Option(help="Layer selection: uniform (first and last kept), first, last.")]
+Select = Annotated[str, typer.Option(
+    help="Layer selection: uniform (first and last kept), first, last, or importance (needs --calib).")]
 KeepHeadDim = Annotated[bool, typer.Option(
     "--keep-head-dim", help="Keep the head dim and grow the attention width (function-preserving init).")]
 Mlp = Annotated[Optional[int], typer.Option(help="New MLP width; keeps the neurons with the largest weight norms.")]
@@ -87,6 +88,8 @@ def convert(
     allow_fewer_heads: AllowFewer = False,
     force: Force = False,
     seed: Annotated[int, typer.Option(help="Seed for --init random.")] = 0,
+    calib: Annotated[Optional[str], typer.Option(
+        help="Text data that --select importance scores the layers on (recipe, file or Hub dataset).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -98,7 +101,7 @@ def convert(
         from . import convert as convert_model
         from .summary import table
 
-        recipe = convert_model(model, out, heads, depth, seed=seed, overwrite=overwrite,
+        recipe = convert_model(model, out, heads, depth, seed=seed, overwrite=overwrite, calib=calib,
                              trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
                              **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
     if json_output:
@@ -107,6 +110,9 @@ def convert(
         before = {"shape": recipe["source_shape"], "params": recipe["params"]["source"]}
         after = {"shape": recipe["shape"], "params": recipe["params"]["result"]}
         out_console.print(table(f"{model} -> {out}", before, after))
+        if "layer_scores" in recipe:
+            scores = ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(recipe["layer_scores"]["scores"]))
+            out_console.print(f"Block influence per source layer on {recipe['layer_scores']['calib']}: {scores}")
         out_console.print(f"Kept layers {recipe['plan']['keep']}; saved {recipe['params']['saved_fraction']:.1%} "
                           f"of the parameters. Wrote {out}")
 

@@ -14,12 +14,13 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import __version__
-from .errors import ReshapeError, fail
+from .errors import Problem, ReshapeError, fail
 from .families import ModelSpec, find_family
+from .importance import layer_scores, most_important
 from .output import model_card, output_problems, staged
 from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
 from .presets import preset_for
-from .source import Source, load_model, open_source, save_tokenizer_files
+from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files
 from .summary import count_params, describe
 from .transfer import load_into, transfer_state
 
@@ -93,25 +94,42 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0,
 
 def convert(source: str, out: str | Path, heads: int | None = None, depth: int | None = None, *,
             seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False, progress: bool = False,
-            **options) -> dict:
-    """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe."""
+            calib: str | None = None, **options) -> dict:
+    """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe.
+
+    With select="importance", the kept layers are those with the highest Block Influence on `calib`
+    (a data recipe, file or Hub dataset of text)."""
     out = Path(out)
-    problems = output_problems(out, overwrite)
+    writing = output_problems(out, overwrite)
+    asking = []
+    importance = options.get("select") == "importance"
+    if importance:
+        options = {**options, "select": "uniform"}  # validated as uniform; the scores pick the layers later
+        if not calib:
+            asking.append(Problem("calib", None, "is needed by --select importance to score the layers",
+                                  "pass --calib DATA, e.g. --calib rotten-tomatoes"))
     try:  # report output and model problems together
         src = open_source(source, trust_remote_code)
-        problems = output_problems(out, overwrite, src.folder)
+        writing = output_problems(out, overwrite, src.folder)
         plan = plan_for(src.spec, heads, depth, src.preset, **options)
     except ReshapeError as e:
-        raise ReshapeError(problems + e.problems) from None
-    if problems:
-        raise ReshapeError(problems)
+        raise ReshapeError(writing + asking + e.problems) from None
+    if writing or asking:
+        raise ReshapeError(writing + asking)
     family = src.spec.family
     with _steps(progress) as step:
         with step(f"Loading {source}"):
             model = load_model(src)
+        scores = None
+        if importance:
+            with step(f"Scoring layers on {calib}"):
+                scores = layer_scores(model, family.layers(model), calibration_batches(src, calib))
+                plan = replace(plan, keep=most_important(scores, plan.depth))
         with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers"):
             new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True)
             recipe = make_recipe(src, plan, model, new)
+            if scores:
+                recipe["layer_scores"] = {"metric": "block-influence", "calib": calib, "scores": scores}
             del model
         with step(f"Saving to {out}"), staged(out) as tmp:
             family.save(new, new_spec, tmp)

@@ -188,7 +188,8 @@ def make_plan(
         bad("depth", depth, f"must be between 1 and the model's {shape.layers} layers",
             f"use a depth such as {max(1, math.ceil(2 * shape.layers / 3))}")
     if select not in STRATEGIES:
-        bad("select", select, "is not a selection strategy", f"use one of {', '.join(STRATEGIES)} or --keep")
+        bad("select", select, "is not a selection strategy",
+            f"use one of {', '.join(STRATEGIES)}, importance (with --calib DATA), or --keep")
     if mlp is not None and not 1 <= mlp <= shape.mlp:
         bad("mlp", mlp, f"must be between 1 and the current MLP width {shape.mlp} (neurons are kept, not added)",
             f"use e.g. {shape.mlp // 2}")

@@ -143,6 +143,23 @@ def save_tokenizer_files(source: Source, dest: Path) -> list[str]:
     return sorted(set(os.listdir(dest)) - before)
 
 
+def calibration_batches(source: Source, data: str, rows: int = 128, batch_size: int = 16,
+                        max_length: int = 128) -> list[dict]:
+    """Tokenised batches of the first `rows` training texts of `data`, for scoring layers."""
+    from transformers import AutoTokenizer
+
+    from .train.data import load_data
+
+    if source.spec.family.library != "transformers":
+        raise fail("select", "importance", f"scores layers on text, and {source.name} is a vision model",
+                   "use --select uniform, first or last, or --keep")
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    train = load_data(data, task="embedding")["train"]
+    texts = list(train.select(range(min(rows, len(train))))["text"])
+    return [dict(tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
 def _download(repo_id: str, name: str) -> Path:
     from huggingface_hub import snapshot_download
 

@@ -1,0 +1,53 @@
+"""Layer importance on calibration data, for `--select importance`.
+
+Block Influence (ShortGPT, Men et al. 2024): BI = 1 - cos(block input, block output), averaged over real
+tokens. A block that barely turns its input contributes little and is the first to go. Angular distance
+(arccos(cos)/pi, Gromov et al. 2024) ranks the same way per token and is offered for reporting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+METRICS = ("block-influence", "angular")
+
+
+@torch.no_grad()
+def layer_scores(model: nn.Module, layers: nn.Module, batches: Iterable[dict],
+                 metric: str = "block-influence") -> list[float]:
+    """The importance of each block in `layers` (higher = more important), over token batches."""
+    totals = [0.0] * len(layers)
+    count = 0
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [batch, tokens]
+            value = 1 - cos if metric == "block-influence" else torch.arccos(cos.clamp(-1, 1)) / math.pi
+            mask = current_mask[0]
+            totals[index] += float(value[mask.bool()].sum() if mask is not None else value.sum())
+        return record
+
+    handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
+    try:
+        model.eval()
+        for batch in batches:
+            current_mask[0] = batch.get("attention_mask")
+            model(**batch)
+            count += int(current_mask[0].sum()) if current_mask[0] is not None else next(iter(batch.values())).numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [round(t / max(count, 1), 6) for t in totals]
+
+
+def most_important(scores: list[float], depth: int) -> tuple[int, ...]:
+    """The `depth` highest-scoring layers, in model order."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return tuple(sorted(ranked[:depth]))

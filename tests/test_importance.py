@@ -1,0 +1,53 @@
+"""--select importance: Block Influence scores on calibration text pick the layers to keep."""
+
+import pytest
+import torch
+import transformers as tf
+
+import reshape
+from reshape.errors import ReshapeError
+from reshape.importance import layer_scores, most_important
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "play", "is", "a", "king", "ghost", "night"]
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    """A tiny pre-norm decoder whose layer 2 adds nothing to the residual stream (its output = its input)."""
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=48, vocab_size=len(WORDS)))
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder)
+    tf.BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text("\n".join(["the play is a ghost", "the king is a night ghost"] * 10))
+    return folder
+
+
+def test_a_block_that_changes_nothing_scores_zero_and_goes_first(llama_folder):
+    model = tf.AutoModelForCausalLM.from_pretrained(llama_folder)
+    batches = [{"input_ids": torch.tensor([[5, 6, 7, 8, 10], [5, 9, 7, 8, 11]]),
+                "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}]
+    scores = layer_scores(model, model.model.layers, batches)
+    assert scores[2] < 1e-4 and all(s > 1e-2 for i, s in enumerate(scores) if i != 2), scores  # float rounding
+    assert most_important(scores, 3) == (0, 1, 3)
+    angular = layer_scores(model, model.model.layers, batches, metric="angular")
+    assert angular[2] < 1e-2 and most_important(angular, 3) == (0, 1, 3), angular
+
+
+def test_convert_keeps_the_most_important_layers_and_reports_the_scores(llama_folder, tmp_path):
+    recipe = reshape.convert(str(llama_folder), tmp_path / "out", heads=4, depth=3, select="importance",
+                             calib=str(tmp_path / "calib.txt"))
+    assert recipe["plan"]["keep"] == [0, 1, 3]
+    scores = recipe["layer_scores"]
+    assert scores["metric"] == "block-influence" and len(scores["scores"]) == 4 and scores["scores"][2] < 1e-4
+
+
+def test_importance_needs_calibration_text(llama_folder, tmp_path):
+    with pytest.raises(ReshapeError) as e:
+        reshape.convert(str(llama_folder), tmp_path / "out", heads=7, depth=3, select="importance")
+    assert [str(p).split(":")[0] for p in e.value.problems] == ["calib=None", "heads=7"]
+    assert not (tmp_path / "out").exists()
