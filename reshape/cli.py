@@ -34,6 +34,7 @@ Force = Annotated[bool, typer.Option("--force", help="Allow a head dim below 8."
 Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code (off by default).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be empty or absent).")]
 
 
 @contextmanager
@@ -77,7 +78,7 @@ def _plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, for
 @app.command()
 def convert(
     model: Model,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be empty or absent).")],
+    out: Out,
     heads: Heads = None,
     depth: Depth = None,
     keep: Keep = None,
@@ -102,8 +103,8 @@ def convert(
         from .summary import table
 
         recipe = convert_model(model, out, heads, depth, seed=seed, overwrite=overwrite, calib=calib,
-                             trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
-                             **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
+                               trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
+                               **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
     if json_output:
         print(json.dumps({"out": str(out), **recipe}, indent=2))
     elif not quiet:
@@ -139,12 +140,14 @@ def inspect(
         from .summary import table
 
         report = inspect_model(model, heads, depth, trust_remote_code=trust_remote_code,
-                     **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
+                               **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
     if json_output:
         print(json.dumps(report, indent=2))
         return
     out_console.print(table(f"{model} ({report['family']})", report["source"], report.get("result")))
-    if "plan" in report:
+    if "plan" in report and select == "importance":
+        out_console.print("Kept layers: chosen by convert from their Block Influence on --calib data")
+    elif "plan" in report:
         out_console.print(f"Kept layers: {report['plan']['keep']}")
 
 
@@ -153,7 +156,6 @@ Data = Annotated[str, typer.Option(help="Recipe name (rotten-tomatoes, hamlet, .
 TextColumn = Annotated[Optional[str], typer.Option(help="Text column (guessed when absent).")]
 LabelColumn = Annotated[Optional[str], typer.Option(help="Label column (guessed when absent).")]
 Task = Annotated[str, typer.Option(help="seq-cls, masked-lm or causal-lm.")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be empty or absent).")]
 Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")]
 Epochs = Annotated[float, typer.Option(help="Passes over the training split.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per batch and process.")]

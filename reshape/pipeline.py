@@ -156,6 +156,8 @@ def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None
     asked = [heads, depth, options.get("keep"), options.get("mlp"), options.get("keep_head_dim") or None]
     if all(x is None for x in asked):
         return report
+    if options.get("select") == "importance":  # which layers stay does not change the counts
+        options = {**options, "select": "uniform"}
     plan = plan_for(spec, heads, depth, preset, **options)
     new_spec = ModelSpec(family, family.new_config(spec.config, shape, plan), spec.cls)
     new_model = family.build(new_spec, empty=True)
