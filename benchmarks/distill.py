@@ -8,11 +8,12 @@ Teacher: the real all-MiniLM-L6-v2 (6 x 12); student: `reshape.convert("minilm",
   to the end of its optimizer step (loss, backward, clipping, step, scheduler, zero_grad): data loading
   and collation, evaluation and checkpoint saving are outside it. It is cumulative over the epoch, so the
   N timed steps are the difference between its records at step W and step W+N: busy(k) = 32 k / speed(k).
-- bare: the very batches reshape's loop received, in the same order (its collate function is wrapped to
-  keep each collated batch), fed to a plain loop on freshly loaded copies of the same models: teacher
-  forward under no_grad with output_hidden_states, student forward, `hidden_loss` with the same layer map,
-  backward, gradient clipping to 1.0 (the loop's default), AdamW step, zero_grad. The same span is timed
-  (collation excluded), W warm-up steps untimed.
+- bare: a plain loop on freshly loaded copies of the same teacher and student, fed the very batches
+  reshape's loop receives, in the same order: the loop's collate function is wrapped, and each batch it
+  collates is first trained on by the bare loop (teacher forward under no_grad with output_hidden_states,
+  student forward, `hidden_loss` with the layer map 0,2,3,5, backward, gradient clipping to 1.0 as the
+  loop does by default, AdamW step, zero_grad), timed alone. The two loops thus alternate step by step,
+  so a busy machine slows both alike. The first W bare steps are untimed too.
 - `collate ms` is the time the shared collator takes per batch (excluded from both speeds).
 
     python benchmarks/distill.py [--steps 30] [--warmup 3] [--json]
@@ -32,63 +33,65 @@ TARGET = 1.3  # bare samples/s over reshape samples/s
 BATCH, MAX_LENGTH, MAP = 32, 64, [0, 2, 3, 5]
 
 
-def run_reshape(student: Path, out: Path, steps: int, warmup: int) -> tuple[float, list[dict], float]:
-    """reshape's samples/s over the steps after `warmup`, the batches it trained on, and collate ms/batch."""
+class Bare:
+    """The plain loop, one step at a time, on freshly loaded copies of the same teacher and student."""
+
+    def __init__(self, teacher_dir: str, student: Path):
+        from transformers import AutoModel
+
+        self.teacher = AutoModel.from_pretrained(teacher_dir).eval().requires_grad_(False)
+        self.model = AutoModel.from_pretrained(student).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, weight_decay=0.01)
+
+    def step(self, batch: dict) -> float:
+        from reshape.train.losses import hidden_loss
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            t = self.teacher(**batch, output_hidden_states=True)
+        s = self.model(**batch, output_hidden_states=True)
+        loss = hidden_loss(s.hidden_states, t.hidden_states, MAP, mask=batch["attention_mask"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        loss.item()
+        return time.perf_counter() - start
+
+
+def run_both(teacher_dir: str, student: Path, out: Path, steps: int, warmup: int) -> dict:
+    """Distil with reshape while the bare loop trains on each batch as reshape's loader collates it."""
     import reshape.train.distill as distill_module
     from reshape.train.loop import TrainConfig
 
-    batches, collate_s, original = [], [], distill_module.collator
+    bare, total = Bare(teacher_dir, student), warmup + steps
+    bare_s, collate_s, lengths, original = [], [], [], distill_module.collator
 
-    def recording_collator(*args, **kwargs):
+    def interleaving_collator(*args, **kwargs):
         collate = original(*args, **kwargs)
 
         def wrapped(rows):
             start = time.perf_counter()
             batch = collate(rows)
-            collate_s.append(time.perf_counter() - start)
-            batches.append({k: v.clone() for k, v in batch.items() if k != "labels"})
+            if len(bare_s) < total:  # later calls: the loader's look-ahead and the final evaluation
+                collate_s.append(time.perf_counter() - start)
+                lengths.append(batch["input_ids"].shape[1])
+                bare_s.append(bare.step({k: v for k, v in batch.items() if k != "labels"}))
             return batch
         return wrapped
 
-    distill_module.collator = recording_collator
+    distill_module.collator = interleaving_collator
     try:
-        config = TrainConfig(max_steps=warmup + steps, batch_size=BATCH, eval_every=None, log_every=warmup)
+        config = TrainConfig(max_steps=total, batch_size=BATCH, eval_every=None, log_every=warmup)
         distill_module.distill("minilm", student, out, data="rotten-tomatoes-full", config=config,
                                max_length=MAX_LENGTH)
     finally:
         distill_module.collator = original
     records = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                if "samples_per_s" in r}
-    busy = {k: BATCH * k / records[k]["samples_per_s"] for k in (warmup, warmup + steps)}
-    speed = BATCH * steps / (busy[warmup + steps] - busy[warmup])
-    trained = batches[:warmup + steps]  # later entries: the loop's look-ahead and the final evaluation
-    return speed, trained, 1000 * sum(collate_s[:len(trained)]) / len(trained)
-
-
-def run_bare(teacher_dir: str, student: Path, batches: list[dict], warmup: int) -> float:
-    from transformers import AutoModel
-
-    from reshape.train.losses import hidden_loss
-
-    torch.manual_seed(0)
-    teacher = AutoModel.from_pretrained(teacher_dir).eval().requires_grad_(False)
-    model = AutoModel.from_pretrained(student).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    busy = 0.0
-    for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        with torch.no_grad():
-            t = teacher(**batch, output_hidden_states=True)
-        s = model(**batch, output_hidden_states=True)
-        loss = hidden_loss(s.hidden_states, t.hidden_states, MAP, mask=batch["attention_mask"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        loss.item()
-        if i >= warmup:
-            busy += time.perf_counter() - start
-    return BATCH * (len(batches) - warmup) / busy
+    busy = {k: BATCH * k / records[k]["samples_per_s"] for k in (warmup, total)}
+    return {"bare": BATCH * steps / sum(bare_s[warmup:]), "reshape": BATCH * steps / (busy[total] - busy[warmup]),
+            "collate_ms": 1000 * sum(collate_s) / len(collate_s), "mean_length": sum(lengths) / len(lengths)}
 
 
 def measure(steps: int, warmup: int) -> dict:
@@ -99,14 +102,12 @@ def measure(steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="reshape-bench-distill-") as tmp:
         tmp = Path(tmp)
         reshape.convert("minilm", tmp / "student", heads=24, depth=4)
-        reshape_speed, batches, collate_ms = run_reshape(tmp / "student", tmp / "out", steps, warmup)
-        bare_speed = run_bare(teacher_dir, tmp / "student", batches, warmup)
-    tokens = [int(b["attention_mask"].shape[1]) for b in batches]
-    ratio = bare_speed / reshape_speed
+        speeds = run_both(teacher_dir, tmp / "student", tmp / "out", steps, warmup)
+    ratio = speeds["bare"] / speeds["reshape"]
     return {"steps": steps, "warmup": warmup, "batch": BATCH, "max_length": MAX_LENGTH,
-            "mean_padded_length": round(sum(tokens) / len(tokens), 1), "threads": torch.get_num_threads(),
-            "bare_samples_per_s": round(bare_speed, 2), "reshape_samples_per_s": round(reshape_speed, 2),
-            "collate_ms_per_batch": round(collate_ms, 1), "ratio": round(ratio, 3), "target": TARGET,
+            "mean_padded_length": round(speeds["mean_length"], 1), "threads": torch.get_num_threads(),
+            "bare_samples_per_s": round(speeds["bare"], 2), "reshape_samples_per_s": round(speeds["reshape"], 2),
+            "collate_ms_per_batch": round(speeds["collate_ms"], 1), "ratio": round(ratio, 3), "target": TARGET,
             "pass": ratio <= TARGET}
 
 
