@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1 (the loop logs its speed at step --warmup)")
     numbers = measure(args.steps, args.warmup)
     print(json.dumps(numbers, indent=2) if args.json else report(numbers))
 

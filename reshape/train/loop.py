@@ -84,8 +84,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
                         generator=torch.Generator().manual_seed(config.seed))
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
     warmup = int(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (total - s) / max(1, total - warmup)))
@@ -167,6 +166,15 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
         accelerator.load_state(str(checkpoints / "best"))
     return {"steps": state["step"], "last_eval": state["last_eval"], "best": state["best"],
             "fingerprint": fingerprint}
+
+
+def _adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+    """Fused AdamW where torch supports it: on 2 CPU cores it cut the optimizer step from 198 to 33 ms
+    for MiniLM (benchmarks/distill.py notes); the maths is AdamW's either way."""
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _batch_size(batch: Any) -> int:
