@@ -69,9 +69,9 @@ def test_masked_lm_perplexity(folders):
 
 
 def test_eval_refuses_a_model_without_the_task_head(folders):
+    tf.BertForSequenceClassification.from_pretrained(folders / "student", num_labels=3).save_pretrained(
+        folders / "three-labels")
     with pytest.raises(ReshapeError, match="task=seq-cls: needs 2 labels but the model has"):
-        tf.BertForSequenceClassification.from_pretrained(folders / "student", num_labels=3).save_pretrained(
-            folders / "three-labels")
         evaluate(folders / "three-labels", task="seq-cls", data=str(folders / "reviews.csv"),
                  label_column="positive")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from accelerate import init_empty_weights
 from transformers.initialization import no_init_weights
 
-from ..plan import Plan, Shape, target_shape
+from ..plan import Shape, target_shape
 from .base import BlockWeights, Family, ModelSpec, Proj
 
 # Config entries that hold one value per layer and must follow the kept layers.

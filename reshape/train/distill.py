@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -92,7 +92,7 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
     student_model.save_pretrained(out)
     copy_extra_files(student, out)
     result = {"teacher": teacher, "data": data, "layer_map": mapping, "weights": asdict(weights),
-              "temperature": temperature, "config": asdict(replace(config)), **summary}
+              "temperature": temperature, "config": asdict(config), **summary}
     (out / "reshape.json").write_text(json.dumps({**(recipe or {}), "distillation": result}, indent=2) + "\n")
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)

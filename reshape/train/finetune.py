@@ -6,9 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import fail
+from ..errors import ReshapeError, fail
 from ..output import output_problems
-from ..errors import ReshapeError
 from .data import load_data
 from .loop import TrainConfig, train
 from .tasks import collator, get_task, load_model, score

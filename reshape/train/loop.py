@@ -213,6 +213,3 @@ def _load_checkpoint(accelerator: Accelerator, folder: Path, fingerprint: str) -
     accelerator.load_state(str(folder))
     return state
 
-
-def clear_checkpoints(out: Path) -> None:
-    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
