@@ -29,6 +29,9 @@ KeepHeadDim = Annotated[bool, typer.Option(
     "--keep-head-dim", help="Keep the head dim and grow the attention width (function-preserving init).")]
 Mlp = Annotated[Optional[int], typer.Option(help="New MLP width; keeps the neurons with the largest weight norms.")]
 Init = Annotated[str, typer.Option(help="transfer (copy kept layers) or random (fresh init).")]
+HeadSplit = Annotated[Optional[str], typer.Option(
+    help="How each head is split into narrower ones: aware (keeps each head's attention pattern; the default "
+         "where it applies) or contiguous (weights copied as they are).")]
 AllowFewer = Annotated[bool, typer.Option("--allow-fewer-heads", help="Allow fewer heads than the source.")]
 Force = Annotated[bool, typer.Option("--force", help="Allow a head dim below 8.")]
 Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code (off by default).")]
@@ -70,9 +73,9 @@ def _parse_indices(value: str | None, field: str) -> list[int] | None:
                    f"write e.g. --{field.replace('_', '-')} 0,2,4") from None
 
 
-def _plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force) -> dict:
+def _plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force) -> dict:
     return dict(keep=_parse_indices(keep, "keep"), select=select, keep_head_dim=keep_head_dim, mlp=mlp, init=init,
-                allow_fewer_heads=allow_fewer_heads, force=force)
+                head_split=head_split, allow_fewer_heads=allow_fewer_heads, force=force)
 
 
 @app.command()
@@ -86,11 +89,13 @@ def convert(
     keep_head_dim: KeepHeadDim = False,
     mlp: Mlp = None,
     init: Init = "transfer",
+    head_split: HeadSplit = None,
     allow_fewer_heads: AllowFewer = False,
     force: Force = False,
     seed: Annotated[int, typer.Option(help="Seed for --init random.")] = 0,
     calib: Annotated[Optional[str], typer.Option(
-        help="Text data that --select importance scores the layers on (recipe, file or Hub dataset).")] = None,
+        help="Text that --select importance scores the layers on and the aware head split is fitted on "
+             "(recipe, file or Hub dataset; random inputs without it).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -104,7 +109,7 @@ def convert(
 
         recipe = convert_model(model, out, heads, depth, seed=seed, overwrite=overwrite, calib=calib,
                                trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
-                               **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
+                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force))
     if json_output:
         print(json.dumps({"out": str(out), **recipe}, indent=2))
     elif not quiet:
@@ -128,6 +133,7 @@ def inspect(
     keep_head_dim: KeepHeadDim = False,
     mlp: Mlp = None,
     init: Init = "transfer",
+    head_split: HeadSplit = None,
     allow_fewer_heads: AllowFewer = False,
     force: Force = False,
     trust_remote_code: Trust = False,
@@ -140,7 +146,7 @@ def inspect(
         from .summary import table
 
         report = inspect_model(model, heads, depth, trust_remote_code=trust_remote_code,
-                               **_plan_options(keep, select, keep_head_dim, mlp, init, allow_fewer_heads, force))
+                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force))
     if json_output:
         print(json.dumps(report, indent=2))
         return

@@ -7,6 +7,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from rich.console import Console
@@ -16,6 +17,7 @@ from torch import nn
 from . import __version__
 from .errors import Problem, ReshapeError, fail
 from .families import ModelSpec, find_family
+from .headsplit import attention_input_covariances, random_inputs
 from .importance import layer_scores, most_important
 from .output import model_card, output_problems, staged
 from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
@@ -26,21 +28,24 @@ from .transfer import load_into, transfer_state
 
 log = logging.getLogger("reshape")
 
-PLAN_OPTIONS = ("keep", "select", "keep_head_dim", "mlp", "init", "allow_fewer_heads", "force")
+PLAN_OPTIONS = ("keep", "select", "keep_head_dim", "mlp", "init", "allow_fewer_heads", "force", "head_split")
 
 
 def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None, *, seed: int = 0,
-           **options) -> nn.Module:
+           calib: Iterable[dict] | None = None, **options) -> nn.Module:
     """A new model of the same class with `heads` attention heads and `depth` layers; `model` is untouched.
 
     Options: keep (layer indices), select ("uniform" | "first" | "last"), keep_head_dim, mlp,
-    init ("transfer" | "random"), allow_fewer_heads, force. With neither heads nor depth, the
-    architecture's preset is used if one exists, else the paper's rule of thumb.
+    init ("transfer" | "random"), head_split ("aware" | "contiguous"; aware where it applies by
+    default), allow_fewer_heads, force. `calib`, batches of model inputs, weights the aware head split
+    by real activations. With neither heads nor depth, the architecture's preset is used if one
+    exists, else the paper's rule of thumb.
     """
     spec = find_family(model).spec(model)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     plan = plan_for(spec, heads, depth, preset_for(name, name_or_path=name), **options)
-    new, _ = rebuild(model, spec, plan, seed=seed, share_weights=False)
+    covs = _input_covariances(model, spec, plan, calib)
+    new, _ = rebuild(model, spec, plan, seed=seed, share_weights=False, input_covs=covs)
     return new
 
 
@@ -60,7 +65,8 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
             log.warning("reshape: no heads/depth given; using the rule of thumb (double the heads where the "
                         "width allows, two thirds of the depth): %d heads, %d layers", heads, depth)
     plan = make_plan(shape, family=family.name, heads=heads, depth=depth,
-                     can_widen_attention=family.can_widen_attention, **options)
+                     can_widen_attention=family.can_widen_attention, can_split_aware=family.can_split_aware,
+                     **options)
     problem = family.config_problem(family.new_config(spec.config, shape, plan))
     if problem:
         legal = [h for h in legal_heads(shape, plan.head_mode == "keep-head-dim")
@@ -71,10 +77,11 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
     return plan
 
 
-def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0,
-            share_weights: bool = False) -> tuple[nn.Module, ModelSpec]:
+def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, share_weights: bool = False,
+            input_covs: dict[int, torch.Tensor] | None = None) -> tuple[nn.Module, ModelSpec]:
     """Build the planned model and fill it. With `share_weights`, untouched tensors are shared with
-    `model` instead of copied (for callers that discard the source, such as `convert`)."""
+    `model` instead of copied (for callers that discard the source, such as `convert`). `input_covs`
+    weights the aware head split (see `_input_covariances`)."""
     family = spec.family
     shape = family.shape(spec.config)
     new_spec = ModelSpec(family, family.new_config(spec.config, shape, plan), spec.cls)
@@ -84,7 +91,8 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0,
         new = family.build(new_spec, empty=False).to(dtype)
     else:
         new = family.build(new_spec, empty=True)
-        state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan)
+        state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan,
+                               input_covs)
         if not share_weights:
             state = {k: v.clone() for k, v in state.items()}
         load_into(new, state)
@@ -98,7 +106,7 @@ def convert(source: str, out: str | Path, heads: int | None = None, depth: int |
     """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe.
 
     With select="importance", the kept layers are those with the highest Block Influence on `calib`
-    (a data recipe, file or Hub dataset of text)."""
+    (a data recipe, file or Hub dataset of text); the aware head split is weighted by it too."""
     out = Path(out)
     writing = output_problems(out, overwrite)
     asking = []
@@ -121,15 +129,19 @@ def convert(source: str, out: str | Path, heads: int | None = None, depth: int |
         with step(f"Loading {source}"):
             model = load_model(src)
         scores = None
+        batches = calibration_batches(src, calib) if calib else None
         if importance:
             with step(f"Scoring layers on {calib}"):
-                scores = layer_scores(model, family.layers(model), calibration_batches(src, calib))
+                scores = layer_scores(model, family.layers(model), batches)
                 plan = replace(plan, keep=most_important(scores, plan.depth))
-        with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers"):
-            new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True)
+        with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"):
+            covs = _input_covariances(model, src.spec, plan, batches)
+            new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True, input_covs=covs)
             recipe = make_recipe(src, plan, model, new)
             if scores:
                 recipe["layer_scores"] = {"metric": "block-influence", "calib": calib, "scores": scores}
+            if covs:
+                recipe["head_split_calib"] = calib or "random inputs"
             del model
         with step(f"Saving to {out}"), staged(out) as tmp:
             family.save(new, new_spec, tmp)
@@ -183,6 +195,16 @@ def make_recipe(src: Source, plan: Plan, model: nn.Module, new: nn.Module) -> di
         "params": {"source": before, "result": after,
                    "saved_fraction": round(1 - after["total"] / before["total"], 6)},
     }
+
+
+def _input_covariances(model: nn.Module, spec: ModelSpec, plan: Plan, batches=None) -> dict[int, torch.Tensor] | None:
+    """Attention-input covariances of the kept layers when the plan splits aware: on the calibration
+    batches, or on random inputs without them."""
+    if plan.head_split != "aware" or plan.init != "transfer":
+        return None
+    family = spec.family
+    batches = random_inputs(model) if batches is None else batches
+    return attention_input_covariances(model, family.layers(model), family.weights, plan.keep, batches)
 
 
 def _layers_prefix(model: nn.Module, family) -> str:

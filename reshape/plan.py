@@ -10,6 +10,7 @@ from .errors import Problem, ReshapeError
 HEAD_MODES = ("keep-width", "keep-head-dim")
 STRATEGIES = ("uniform", "first", "last")
 INITS = ("transfer", "random")
+HEAD_SPLITS = ("aware", "contiguous")
 MIN_HEAD_DIM = 8  # below this a head can hardly hold a query/key subspace; --force overrides
 
 
@@ -45,6 +46,7 @@ class Plan:
     head_mode: str = "keep-width"
     mlp: int | None = None  # new MLP width; None keeps it
     init: str = "transfer"
+    head_split: str = "contiguous"  # how keep-width splits each head: see reshape/headsplit.py
 
     @property
     def depth(self) -> int:
@@ -126,6 +128,8 @@ def make_plan(
     allow_fewer_heads: bool = False,
     force: bool = False,
     can_widen_attention: bool = True,
+    head_split: str | None = None,
+    can_split_aware: bool = True,
 ) -> Plan:
     """Validate a request against a model's shape; raise one ReshapeError listing every problem."""
     problems: list[Problem] = []
@@ -195,13 +199,27 @@ def make_plan(
             f"use e.g. {shape.mlp // 2}")
     if init not in INITS:
         bad("init", init, "is not an initialisation", f"use one of {', '.join(INITS)}")
+    splits_heads = not keep_head_dim and heads > shape.heads and heads % shape.heads == 0
+    if head_split is None:  # the default: aware wherever it applies
+        head_split = "aware" if splits_heads and can_split_aware else "contiguous"
+    elif head_split not in HEAD_SPLITS:
+        bad("head_split", head_split, "is not a head split", f"use one of {', '.join(HEAD_SPLITS)}")
+    elif head_split == "aware" and not can_split_aware:
+        bad("head_split", head_split, f"is not available for {family} (rotary positions and shared KV heads "
+            "tie each key dimension to its frequency and group)", "use --head-split contiguous")
+    elif head_split == "aware" and not splits_heads and heads != shape.heads:
+        bad("head_split", head_split, f"splits each of the {shape.heads} heads into equal parts, so it needs "
+            f"a keep-width plan with a multiple of {shape.heads} heads",
+            f"use --heads {2 * shape.heads} or --head-split contiguous")
     if problems:
         raise ReshapeError(problems)
 
     if keep_t is None:
         keep_t = select_layers(shape.layers, depth, select)
+    if not splits_heads:
+        head_split = "contiguous"  # nothing is split: the two are the same
     return Plan(heads=heads, keep=keep_t, head_mode=head_mode,
-                mlp=None if mlp == shape.mlp else mlp, init=init)
+                mlp=None if mlp == shape.mlp else mlp, init=init, head_split=head_split)
 
 
 def rule_of_thumb(shape: Shape) -> tuple[int, int]:

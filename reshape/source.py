@@ -151,8 +151,8 @@ def calibration_batches(source: Source, data: str, rows: int = 128, batch_size: 
     from .train.data import load_data
 
     if source.spec.family.library != "transformers":
-        raise fail("select", "importance", f"scores layers on text, and {source.name} is a vision model",
-                   "use --select uniform, first or last, or --keep")
+        raise fail("calib", data, f"is read as text, and {source.name} is a vision model",
+                   "leave --calib out and use --select uniform, first or last, or --keep")
     tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
     train = load_data(data, task="embedding")["train"]
     texts = list(train.select(range(min(rows, len(train))))["text"])

@@ -1,8 +1,9 @@
 """Weight transfer, driven by the plan and a family's weight map. The algorithms live here once.
 
 - Layers: kept source layers are renumbered into the new stack; others are dropped.
-- Heads, keep-width: every Q/K/V/O shape stays, so the weights are copied bit for bit and simply
-  read as more, narrower heads.
+- Heads, keep-width: every Q/K/V/O shape stays. `contiguous` copies the weights bit for bit, read as
+  more, narrower heads; `aware` (the default where it applies) rewrites the query/key rows so each new
+  head keeps its parent head's attention pattern (reshape/headsplit.py).
 - Heads, keep-head-dim (Net2Net): each new head copies the Q/K/V rows of a source head (in its KV
   group under grouped-query attention) and the output projection's columns of a source head that
   was copied c times are divided by c, so the block computes exactly what it did.
@@ -18,12 +19,15 @@ from torch import nn
 
 from .errors import fail
 from .families import BlockWeights, Proj
+from .headsplit import aware_split
 from .plan import Plan, Shape, target_shape
 
 
 def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights: BlockWeights,
-                   shape: Shape, plan: Plan) -> dict[str, torch.Tensor]:
-    """The new model's state dict from the source's. `layers_prefix` is e.g. 'bert.encoder.layer.'."""
+                   shape: Shape, plan: Plan, input_covs: dict[int, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The new model's state dict from the source's. `layers_prefix` is e.g. 'bert.encoder.layer.'.
+    `input_covs` (source layer -> attention input covariance) weights the aware head split."""
     state: dict[str, torch.Tensor] = {}
     layers: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in source.items():
@@ -38,6 +42,8 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
         layer = dict(layers[old_index])
         if widen:
             _widen_heads(layer, weights, shape, new_shape)
+        elif plan.head_split == "aware":
+            aware_split(layer, weights, shape, plan.heads, (input_covs or {}).get(old_index))
         if plan.mlp:
             _keep_neurons(layer, weights, plan.mlp)
         state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})

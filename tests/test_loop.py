@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from reshape.errors import ReshapeError
-from reshape.train.loop import TrainConfig, train
+from reshape.train.loop import LengthGroupedSampler, TrainConfig, train
 
 X = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
 Y = (X.sum(1) > 0).long()
@@ -48,20 +48,24 @@ def interrupted_at(call: int):
     return fn
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, grad_accum):
+LENGTHS = [int(v) for v in torch.randint(1, 100, (40,), generator=torch.Generator().manual_seed(3))]
+
+
+@pytest.mark.parametrize("grad_accum, lengths", [(1, None), (2, None), (1, LENGTHS)], ids=["plain", "accum", "grouped"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, grad_accum, lengths):
     config = TrainConfig(max_steps=9, batch_size=6, lr=1e-2, grad_accum=grad_accum, save_every=2, log_every=1)
     straight = model()
-    train(straight, loss_fn, DATA, collate, tmp_path / "a", config, progress=False)
+    train(straight, loss_fn, DATA, collate, tmp_path / "a", config, lengths=lengths, progress=False)
 
     # Interrupted mid-epoch (7 batches an epoch); the last checkpoint, at step 6, is behind the interruption.
     with pytest.raises(Interrupt):
         train(model(), interrupted_at(8 if grad_accum == 1 else 12), DATA, collate, tmp_path / "b", config,
-              progress=False)
+              lengths=lengths, progress=False)
     state = json.loads((tmp_path / "b/checkpoints/last/reshape_train_state.json").read_text())
     assert state["step"] == 6
     resumed = model()  # as in a fresh process
-    summary = train(resumed, loss_fn, DATA, collate, tmp_path / "b", config, resume=True, progress=False)
+    summary = train(resumed, loss_fn, DATA, collate, tmp_path / "b", config, resume=True, lengths=lengths,
+                    progress=False)
     assert summary["steps"] == 9
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -88,3 +92,20 @@ def test_evaluation_best_checkpoint_and_metrics_log(tmp_path):
     assert summary["best"]["step"] == best["step"] and summary["best"]["score"] == best["eval"]["score"]
     assert accuracy(m.eval())["score"] == best["eval"]["score"]  # the best weights are loaded back
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "last"]
+
+
+def test_length_grouped_batches_are_a_seeded_shuffle_of_similar_lengths():
+    lengths = [int(v) for v in torch.randint(1, 1000, (1000,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=0, group=10)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000)) and first == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in _batches(first, 16)]
+    random_spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in _batches(list(range(1000)), 16)]
+    assert sum(spread) * 5 < sum(random_spread)  # batches pad far less than random ones
+    assert len(_batches(first, 16)[-1]) == 1000 % 16 and first[-8:] == sorted(first[-8:], key=lambda i: -lengths[i])
+
+
+def _batches(order, size):
+    return [order[i:i + size] for i in range(0, len(order), size)]

@@ -48,6 +48,7 @@ class Family(ABC):
     weights: BlockWeights
     can_widen_attention: bool  # can the saved config express attention width != model width?
     library: str  # "transformers" or "timm": what loads the saved folder
+    can_split_aware: bool = True  # does the function-aware head split apply (no rotary positions)?
 
     @abstractmethod
     def claims(self, obj: Any) -> bool:

@@ -35,7 +35,7 @@ class HFFamily(Family):
     library = "transformers"
 
     def __init__(self, name, covers, model_types, layers_path, weights, embeddings,
-                 keys=ConfigKeys(), can_widen_attention=False):
+                 keys=ConfigKeys(), can_widen_attention=False, can_split_aware=True):
         self.name = name
         self.covers = covers
         self.model_types = tuple(model_types)
@@ -44,6 +44,7 @@ class HFFamily(Family):
         self.embeddings = embeddings  # attribute names on the base model holding embeddings
         self.keys = keys
         self.can_widen_attention = can_widen_attention
+        self.can_split_aware = can_split_aware
 
     def claims(self, obj) -> bool:
         config = getattr(obj, "config", obj)
@@ -168,6 +169,7 @@ LLAMA = HFFamily(
     ["embed_tokens"],
     keys=ConfigKeys(kv_heads="num_key_value_heads", head_dim="head_dim"),
     can_widen_attention=True,  # head_dim is its own config key
+    can_split_aware=False,  # rotary frequencies are tied to each key dimension: see reshape/headsplit.py
 )
 
 FAMILIES = [BERT, ROBERTA, VIT, GPT2, LLAMA]

@@ -267,3 +267,8 @@ RECIPES: dict[str, Recipe] = {
     "hamlet": Recipe(("masked-lm", "causal-lm", "embedding"), _hamlet, "Shakespeare's play, in 16-line blocks"),
     "fashion-mnist": Recipe(("image-cls",), _fashion_mnist, "70k 28x28 grayscale clothing images, 10 classes"),
 }
+
+
+def text_lengths(dataset) -> list[int] | None:
+    """Characters per example, for grouping batches by length; None for data without text."""
+    return [len(text) for text in dataset["text"]] if "text" in dataset.column_names else None

@@ -17,7 +17,7 @@ import torch
 from ..errors import ReshapeError, fail
 from ..output import copy_extra_files, output_problems
 from ..source import load_model, open_source
-from .data import load_data
+from .data import load_data, text_lengths
 from .losses import DistillWeights, combine, hidden_loss, layer_map, logit_kl, pooled_cosine
 from .loop import TrainConfig, train
 from .tasks import TASKS, collator
@@ -88,7 +88,7 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
     run = {"teacher": teacher, "student": str(student), "data": data, "weights": asdict(weights),
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config, eval_fn=eval_fn,
-                    resume=resume, run=run, progress=progress)
+                    resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
     student_model.save_pretrained(out)
     copy_extra_files(student, out)
     result = {"teacher": teacher, "data": data, "layer_map": mapping, "weights": asdict(weights),

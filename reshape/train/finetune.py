@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ReshapeError, fail
 from ..output import output_problems
-from .data import load_data
+from .data import load_data, text_lengths
 from .loop import TrainConfig, train
 from .tasks import collator, get_task, load_model, score
 
@@ -38,7 +38,8 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     test = dataset["test"]
     run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora}
     summary = train(net, lambda m, batch: (m(**batch).loss, {}), dataset["train"], collate, out, config,
-                    eval_fn=lambda m: score(m, test, collate, spec), resume=resume, run=run, progress=progress)
+                    eval_fn=lambda m: score(m, test, collate, spec), resume=resume, run=run,
+                    lengths=text_lengths(dataset["train"]), progress=progress)
     if lora:
         net = net.merge_and_unload()  # plain weights again: OUT loads without peft
     net.save_pretrained(out)
