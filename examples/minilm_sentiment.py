@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--select", default="uniform", choices=["uniform", "importance"],
                         help="which 4 of the 6 layers stay: evenly spaced, or by Block Influence on review text")
+    parser.add_argument("--head-split", default="aware", choices=["aware", "contiguous"],
+                        help="how each of the 12 heads becomes two (see reshape/headsplit.py)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the pipeline")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -67,10 +69,10 @@ def main() -> None:
     distill_budget = TrainConfig(max_steps=2 if args.smoke else args.distill_steps, batch_size=32, lr=1e-4)
     baseline = load_presets()["minilm"].local_folder()
 
-    console.rule(f"1/4 convert: 6 x 12 -> 4 x 24, {args.select} layer selection")
-    calib = "rotten-tomatoes-full" if args.select == "importance" else None
-    recipe = reshape.convert("minilm", work / "leaner", heads=24, depth=4, select=args.select, calib=calib,
-                             overwrite=True, progress=True)
+    console.rule(f"1/4 convert: 6 x 12 -> 4 x 24, {args.select} layer selection, {args.head_split} head split")
+    # Review text scores the layers (for --select importance) and fits the aware head split.
+    recipe = reshape.convert("minilm", work / "leaner", heads=24, depth=4, select=args.select,
+                             head_split=args.head_split, calib="rotten-tomatoes-full", overwrite=True, progress=True)
     console.print(f"kept layers {recipe['plan']['keep']}", recipe.get("layer_scores", ""))
     console.rule(f"2/4 distill on rotten-tomatoes-full text ({distill_budget.max_steps} steps)")
     distill("minilm", work / "leaner", work / "distilled", data="rotten-tomatoes-full", config=distill_budget,

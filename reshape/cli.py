@@ -159,9 +159,12 @@ def inspect(
 
 Data = Annotated[str, typer.Option(help="Recipe name (rotten-tomatoes, hamlet, ...), a local file or folder, "
                                           "or a Hub dataset id.")]
-TextColumn = Annotated[Optional[str], typer.Option(help="Text column (guessed when absent).")]
-LabelColumn = Annotated[Optional[str], typer.Option(help="Label column (guessed when absent).")]
-Task = Annotated[str, typer.Option(help="seq-cls, masked-lm or causal-lm.")]
+TextColumn = Annotated[Optional[str], typer.Option(
+    help="Text column, or for token-cls the column of word lists (guessed when absent).")]
+LabelColumn = Annotated[Optional[str], typer.Option(
+    help="Label column, or for token-cls the column of per-word tags (guessed when absent).")]
+ImageColumn = Annotated[Optional[str], typer.Option(help="Image column for image-cls (guessed when absent).")]
+Task = Annotated[str, typer.Option(help="seq-cls, token-cls, masked-lm, causal-lm or image-cls.")]
 Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")]
 Epochs = Annotated[float, typer.Option(help="Passes over the training split.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per batch and process.")]
@@ -195,7 +198,7 @@ def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> N
 @app.command()
 def finetune(
     model: Model, task: Task, data: Data, out: Out,
-    text_column: TextColumn = None, label_column: LabelColumn = None,
+    text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
     lora: Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank; merged on save.")] = None,
     steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
@@ -208,7 +211,7 @@ def finetune(
         from .train.finetune import finetune as run
 
         result = run(model, out, task=task, data=data, text_column=text_column, label_column=label_column,
-                     max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
+                     image_column=image_column, max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
                      keep_checkpoints=keep_checkpoints, progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
@@ -217,16 +220,20 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    model: Model, task: Task, data: Data, text_column: TextColumn = None, label_column: LabelColumn = None,
+    model: Model,
+    task: Annotated[str, typer.Option(help="seq-cls, token-cls, masked-lm, causal-lm, image-cls, or embedding "
+                                           "(cosine to --teacher's sentence embeddings).")],
+    data: Data, text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
+    teacher: Annotated[Optional[str], typer.Option(help="For --task embedding: the model to compare with.")] = None,
     max_length: MaxLength = 128, seed: Seed = 0, json_output: Json = False,
 ):
-    """Score MODEL on the test split of DATA: accuracy and F1, or perplexity."""
+    """Score MODEL on the test split of DATA: accuracy and F1, perplexity, or cosine to a teacher."""
     _setup(json_output)
     with _user_errors():
         from .train.finetune import evaluate as run
 
         result = run(model, task=task, data=data, text_column=text_column, label_column=label_column,
-                     max_length=max_length, seed=seed)
+                     image_column=image_column, teacher=teacher, max_length=max_length, seed=seed)
     _print_result(result, json_output, False, f"{model} on {data}")
 
 
@@ -238,6 +245,10 @@ def distill(
     kl: Annotated[float, typer.Option(help="Weight of the logit KL term.")] = 1.0,
     hidden: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = 1.0,
     pooled: Annotated[float, typer.Option(help="Weight of the pooled-embedding cosine term.")] = 0.0,
+    relation: Annotated[float, typer.Option(
+        help="Weight of the MiniLMv2 attention-relation term (Q-Q, K-K, V-V; any head counts).")] = 0.0,
+    relation_heads: Annotated[Optional[int], typer.Option(
+        help="Relation heads for --relation (default: the most, up to the teacher's heads, that fit).")] = None,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
     hidden_kind: Annotated[str, typer.Option(help="mse or cosine.")] = "mse",
     layer_map: Annotated[Optional[str], typer.Option(
@@ -254,8 +265,9 @@ def distill(
         from .train.losses import DistillWeights
 
         result = run(teacher, student, out, data=data, text_column=text_column,
-                     weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled), temperature=temperature,
-                     hidden_kind=hidden_kind, explicit_map=_parse_indices(layer_map, "layer_map"),
+                     weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled, relation=relation),
+                     temperature=temperature, hidden_kind=hidden_kind, relation_heads=relation_heads,
+                     explicit_map=_parse_indices(layer_map, "layer_map"),
                      max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
                      progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,

@@ -239,7 +239,7 @@ def test_sources_that_cannot_be_found_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,start", [
-    ({"task": "token-cls"}, "task=token-cls: is not supported yet"),
+    ({"task": "token-cls"}, "tokens_column=None: reviews.csv has no column named tokens or words; pass the tokens"),
     ({"task": "translation"}, "task=translation: is not a task; use one of seq-cls"),
     ({"task": "seq-cls", "test_ratio": 1.0}, "test_ratio=1.0: must be between 0 and 1"),
     ({"task": "seq-cls", "test_ratio": 0.01}, "test_ratio=0.01: leaves an empty split of the 20 rows"),

@@ -12,6 +12,7 @@ import reshape
 from reshape.errors import ReshapeError
 from reshape.train.distill import distill
 from reshape.train.finetune import evaluate, finetune
+from reshape.train.losses import DistillWeights
 from reshape.train.loop import TrainConfig
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
@@ -89,6 +90,16 @@ def test_distillation_brings_the_student_closer_to_its_teacher(folders, tmp_path
     assert tf.AutoModelForMaskedLM.from_pretrained(out).config.num_attention_heads == 4
 
 
+def test_attention_relation_term_trains_a_student_with_more_heads(folders, tmp_path):
+    out = tmp_path / "relation"
+    result = distill(str(folders / "teacher"), folders / "student", out, data=str(folders / "text.txt"),
+                     weights=DistillWeights(kl=0, hidden=0, relation=1),
+                     config=TrainConfig(max_steps=30, batch_size=16, lr=3e-3, log_every=1))
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert "relation" in losses[0] and "hidden" not in losses[0] and result["steps"] == 30
+    assert losses[-1]["relation"] < losses[0]["relation"] / 2
+
+
 def test_distill_needs_a_layer_map_without_reshape_json(folders, tmp_path):
     plain = tmp_path / "plain-student"
     tf.BertForMaskedLM.from_pretrained(folders / "student").save_pretrained(plain)
@@ -107,6 +118,60 @@ def test_distill_refuses_a_student_of_another_family(folders, tmp_path):
                                      eos_token_id=0)).save_pretrained(other)
     with pytest.raises(ReshapeError, match="student=.*gpt2: is a gpt2 model but the teacher is bert"):
         distill(str(folders / "teacher"), other, tmp_path / "out", data=str(folders / "text.txt"))
+
+
+def test_token_classification_tags_each_word(folders, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    tag = {w: ("POS" if w in WORDS[:3] else "NEG") for w in WORDS} | {w: "O" for w in ("the", "film", "was", "very")}
+    rows = []
+    for _ in range(100):
+        words = [list(tag)[int(i)] for i in torch.randint(0, len(tag), (6,), generator=g)]
+        rows.append(json.dumps({"words": words, "ner": [tag[w] for w in words]}))
+    (tmp_path / "tags.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "tagger"
+    result = finetune(folders / "student", out, task="token-cls", data=str(tmp_path / "tags.jsonl"),
+                      text_column="words", label_column="ner", config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
+    assert result["best"]["accuracy"] == 1.0 and result["best"]["examples"] == 20 * 6  # one score per word
+    model = tf.AutoModelForTokenClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "NEG", 1: "O", 2: "POS"}
+    scored = evaluate(out, task="token-cls", data=str(tmp_path / "tags.jsonl"), text_column="words",
+                      label_column="ner")
+    assert scored["accuracy"] == 1.0
+
+
+def test_image_classification_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for label, level in (("dark", 40), ("light", 215)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(24):
+            noise = torch.randint(-30, 30, (16, 16), generator=g)
+            Image.fromarray((level + noise).clamp(0, 255).byte().numpy(), mode="L").save(
+                tmp_path / "images" / label / f"{i}.png")
+    torch.manual_seed(0)
+    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=16, patch_size=8)
+    tf.ViTModel(config).save_pretrained(tmp_path / "vit")
+    tf.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    out = tmp_path / "classifier"
+    result = finetune(tmp_path / "vit", out, task="image-cls", data=str(tmp_path / "images"),
+                      config=TrainConfig(max_steps=20, batch_size=8, lr=3e-3))
+    assert result["best"]["accuracy"] == 1.0 and result["test_examples"] == 10
+    assert tf.AutoModelForImageClassification.from_pretrained(out).config.id2label == {0: "dark", 1: "light"}
+    assert (out / "preprocessor_config.json").is_file()
+    assert evaluate(out, task="image-cls", data=str(tmp_path / "images"))["accuracy"] == 1.0
+
+
+def test_embedding_eval_compares_with_the_teacher(folders):
+    same = evaluate(folders / "teacher", task="embedding", data=str(folders / "text.txt"),
+                    teacher=str(folders / "teacher"))
+    assert same["cosine"] == pytest.approx(1.0) and same["examples"] == 24
+    student = evaluate(folders / "student", task="embedding", data=str(folders / "text.txt"),
+                       teacher=str(folders / "teacher"))
+    assert -1 <= student["min_cosine"] <= student["cosine"] < 0.9999
+    with pytest.raises(ReshapeError, match="teacher=None: is needed by --task embedding"):
+        evaluate(folders / "student", task="embedding", data=str(folders / "text.txt"))
 
 
 def cli(*args):

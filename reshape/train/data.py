@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, List, Value, load_dataset
 
 from ..errors import fail
 
-# The columns each task needs. Token classification needs word-level labels aligned to tokens: not yet.
-TASKS = {"seq-cls": ("text", "label"), "masked-lm": ("text",), "causal-lm": ("text",), "embedding": ("text",),
-         "image-cls": ("image", "label")}
-UNSUPPORTED_TASKS = ("token-cls",)
+# The columns each task needs. For token-cls, "tokens" is a list of words and "label" a list of their tags.
+TASKS = {"seq-cls": ("text", "label"), "token-cls": ("tokens", "label"), "masked-lm": ("text",),
+         "causal-lm": ("text",), "embedding": ("text",), "image-cls": ("image", "label")}
 GUESSES = {"text": ("text", "sentence", "content", "review"), "label": ("label", "labels", "category"),
-           "image": ("image", "img")}
+           "image": ("image", "img"), "tokens": ("tokens", "words")}
+TAG_GUESSES = ("ner_tags", "tags", "pos_tags", "labels", "label")
 FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 HELD_OUT = ("test", "validation", "valid", "dev")  # the first of these a source has (with rows) is the test split
 HAMLET_LINES = 16  # lines per example: a few speeches, roughly 100-200 tokens
@@ -48,12 +48,11 @@ def load_data(source: str, *, task: str, text_column: str | None = None, label_c
               test_ratio: float = 0.2, seed: int = 0) -> DatasetDict:
     """Load `source` for `task` as a DatasetDict with the splits "train" and "test"."""
     if task not in TASKS:
-        reason = "is not supported yet (word labels must be aligned to tokens)" if task in UNSUPPORTED_TASKS \
-            else "is not a task"
-        raise fail("task", task, reason, f"use one of {', '.join(TASKS)}")
+        raise fail("task", task, "is not a task", f"use one of {', '.join(TASKS)}")
     if not 0 < test_ratio < 1:
         raise fail("test_ratio", test_ratio, "must be between 0 and 1", "use e.g. 0.2 to hold out a fifth")
-    columns = {"text": text_column, "label": label_column, "image": image_column}
+    # --text-column names the words column and --label-column the tags column of token-cls data.
+    columns = {"text": text_column, "label": label_column, "image": image_column, "tokens": text_column}
     if source in RECIPES:
         return _recipe(source, task, columns | {"config": config, "split": split}, test_ratio, seed)
     data = _read(source, config, split)
@@ -64,9 +63,11 @@ def load_data(source: str, *, task: str, text_column: str | None = None, label_c
     if not data:
         raise fail("data", source, "has no usable rows (each lacks text, label or image)",
                    "check the file and the chosen columns")
-    if "label" in TASKS[task]:
+    if task == "token-cls":
+        data = _encode_tags(data, chosen["label"])
+    elif "label" in TASKS[task]:
         data = _encode_labels(data, chosen["label"])
-    return _train_test(data, test_ratio, seed, stratify="label" in TASKS[task])
+    return _train_test(data, test_ratio, seed, stratify="label" in TASKS[task] and task != "token-cls")
 
 
 def _recipe(name: str, task: str, options: dict, test_ratio: float, seed: int) -> DatasetDict:
@@ -114,9 +115,9 @@ def _canonical(data: DatasetDict, task: str, name: str, wanted: dict) -> tuple[D
     features = next(iter(data.values())).features
     rename = {}
     for role in TASKS[task]:
-        column = wanted[role] or next((c for g in GUESSES[role] for c in available if c.lower() == g), None)
+        guesses = TAG_GUESSES if task == "token-cls" and role == "label" else GUESSES[role]
+        column = wanted[role] or next((c for g in guesses for c in available if c.lower() == g), None)
         if column is None:
-            guesses = GUESSES[role]
             raise fail(f"{role}_column", None, f"{name} has no column named {', '.join(guesses[:-1])} or {guesses[-1]}",
                        f"pass the {role} column, one of {', '.join(available)}")
         if column not in available:
@@ -124,6 +125,9 @@ def _canonical(data: DatasetDict, task: str, name: str, wanted: dict) -> tuple[D
         feature = features[column]
         if role == "text" and not (isinstance(feature, Value) and "string" in feature.dtype):
             raise fail("text_column", column, f"is not a text column ({feature})", f"use one of {', '.join(available)}")
+        if role == "tokens" and not _word_lists(feature):
+            raise fail("text_column", column, f"is not a column of word lists ({feature})",
+                       f"use one of {', '.join(available)}")
         if role == "image" and not isinstance(feature, Image):
             raise fail("image_column", column, f"is not an image column ({feature})",
                        f"use one of {', '.join(available)}")
@@ -138,7 +142,34 @@ def _present(value) -> bool:
         return bool(value.strip())
     if isinstance(value, (int, float)):
         return value == value and value >= 0
+    if isinstance(value, list):
+        return bool(value)
     return value is not None
+
+
+def _word_lists(feature) -> bool:
+    inner = getattr(feature, "feature", None)
+    return isinstance(inner, Value) and "string" in inner.dtype
+
+
+def _encode_tags(data: DatasetDict, column: str) -> DatasetDict:
+    """Per-word tags as a list of ClassLabel: as _encode_labels does for one label per row."""
+    feature = next(iter(data.values())).features["label"]
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, ClassLabel):
+        return data
+    values = sorted({v for part in data.values() for row in part["label"] for v in row})
+    if isinstance(inner, Value) and inner.dtype.startswith(("int", "uint")):
+        names = [str(i) for i in range(max(values) + 1)]
+    elif isinstance(inner, Value) and "string" in inner.dtype:
+        names = [str(v) for v in values]
+    else:
+        raise fail("label_column", column, f"holds {feature} values, not a list of tags per word",
+                   "use a column of integer or string tags, one per word")
+    tags = ClassLabel(names=names)
+    data = data.map(lambda rows: {"label": [[tags.str2int(str(v)) for v in row] for row in rows]},
+                    input_columns="label", batched=True)
+    return data.cast_column("label", List(tags))
 
 
 def _encode_labels(data: DatasetDict, column: str) -> DatasetDict:
@@ -270,5 +301,14 @@ RECIPES: dict[str, Recipe] = {
 
 
 def text_lengths(dataset) -> list[int] | None:
-    """Characters per example, for grouping batches by length; None for data without text."""
-    return [len(text) for text in dataset["text"]] if "text" in dataset.column_names else None
+    """Characters (or words) per example, for grouping batches by length; None for images."""
+    for column in ("text", "tokens"):
+        if column in dataset.column_names:
+            return [len(value) for value in dataset[column]]
+    return None
+
+
+def label_names(dataset) -> list[str]:
+    """The class names of a labelled split: one label per row, or one tag per word."""
+    feature = dataset.features["label"]
+    return getattr(feature, "feature", feature).names

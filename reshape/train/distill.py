@@ -8,7 +8,9 @@ learn the teacher's softened distribution.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from ..errors import ReshapeError, fail
 from ..output import copy_extra_files, output_problems
 from ..source import load_model, open_source
 from .data import load_data, text_lengths
-from .losses import DistillWeights, combine, hidden_loss, layer_map, logit_kl, pooled_cosine
+from .losses import (DistillWeights, attention_relation_loss, capture_qkv, combine, hidden_loss, layer_map, logit_kl,
+                     pooled_cosine)
 from .loop import TrainConfig, train
 from .tasks import TASKS, collator
 
@@ -27,10 +30,15 @@ EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable 
 
 def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, config: TrainConfig = TrainConfig(),
             weights: DistillWeights = DistillWeights(), temperature: float = 2.0, hidden_kind: str = "mse",
-            explicit_map: list[int] | None = None, text_column: str | None = None, max_length: int = 128,
+            explicit_map: list[int] | None = None, relation_heads: int | None = None,
+            text_column: str | None = None, max_length: int = 128,
             resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
             progress: bool = False) -> dict:
-    """Distil `student` (a reshape output folder) from `teacher`; write the student to `out`."""
+    """Distil `student` (a reshape output folder) from `teacher`; write the student to `out`.
+
+    With weights.relation > 0, each student layer also matches its teacher layer's Q-Q, K-K and V-V
+    relations (MiniLMv2) over `relation_heads` chunks: by default the most, up to the teacher's head
+    count, that divide every Q/K/V width of both models."""
     from transformers import AutoTokenizer
 
     out, student = Path(out), Path(student)
@@ -63,13 +71,24 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
     tokenizer = AutoTokenizer.from_pretrained(student)
     collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
 
+    if weights.relation:
+        relation_heads = relation_heads or _relation_heads(t_shape, s_shape)
+
     def loss_fn(model, batch):
         teacher_model.to(batch["input_ids"].device)
-        with torch.no_grad():
-            t = teacher_model(**batch, output_hidden_states=True)
-        s = model(**batch, output_hidden_states=True)
+        with ExitStack() as hooks:
+            if weights.relation:  # DDP wraps the student: hook the module inside
+                t_qkv = hooks.enter_context(capture_qkv(teacher_model, t_family, sorted(set(mapping))))
+                s_qkv = hooks.enter_context(capture_qkv(getattr(model, "module", model), s_family,
+                                                        range(len(mapping))))
+            with torch.no_grad():
+                t = teacher_model(**batch, output_hidden_states=True)
+            s = model(**batch, output_hidden_states=True)
         mask = batch["attention_mask"]
         terms = {"hidden": hidden_loss(s.hidden_states, t.hidden_states, mapping, kind=hidden_kind, mask=mask)}
+        if weights.relation:
+            terms["relation"] = torch.stack([attention_relation_loss(s_qkv[i], t_qkv[j], relation_heads, mask)
+                                             for i, j in enumerate(mapping)]).mean()
         if getattr(s, "logits", None) is not None and weights.kl:
             terms["kl"] = logit_kl(s.logits, t.logits, temperature, mask=mask)
         if weights.pooled:
@@ -86,6 +105,7 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
         return {"distill_loss": loss, "score": -loss}
 
     run = {"teacher": teacher, "student": str(student), "data": data, "weights": asdict(weights),
+           "relation_heads": relation_heads,
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config, eval_fn=eval_fn,
                     resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
@@ -97,6 +117,12 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
+
+
+def _relation_heads(teacher, student) -> int:
+    widths = [w for shape in (teacher, student) for w in (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim)]
+    common = math.gcd(*widths)
+    return max(d for d in range(1, teacher.heads + 1) if common % d == 0)
 
 
 def _text_only(collate):

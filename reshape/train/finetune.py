@@ -6,20 +6,23 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from ..errors import ReshapeError, fail
+from ..source import load_model as load_source_model
+from ..source import open_source
 from ..output import output_problems
-from .data import load_data, text_lengths
+from .data import label_names, load_data, text_lengths
+from .losses import mean_pool
 from .loop import TrainConfig, train
-from .tasks import collator, get_task, load_model, score
+from .tasks import collator, get_task, load_model, preprocessor, score
 
 
 def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config: TrainConfig = TrainConfig(),
-             text_column: str | None = None, label_column: str | None = None, max_length: int = 128,
-             lora: int | None = None, resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
+             text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
+             max_length: int = 128, lora: int | None = None, resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
              progress: bool = False) -> dict:
     """Fine-tune `model` (a folder or Hub id) on `data`; write the best model to `out` and return its metrics."""
-    from transformers import AutoTokenizer
-
     out = Path(out)
     if not resume:
         problems = output_problems(out, overwrite)
@@ -28,13 +31,14 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
         if overwrite:
             shutil.rmtree(out, ignore_errors=True)
     spec = get_task(task)
-    dataset = load_data(data, task=task, text_column=text_column, label_column=label_column, seed=config.seed)
-    labels = dataset["train"].features["label"].names if spec.labelled else None
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
+                        image_column=image_column, seed=config.seed)
+    labels = label_names(dataset["train"]) if spec.labelled else None
+    processor = preprocessor(model, spec)
     net = load_model(model, spec, labels)
     if lora:
         net = _with_lora(net, lora, spec)
-    collate = collator(tokenizer, spec, max_length)
+    collate = collator(processor, spec, max_length)
     test = dataset["test"]
     run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora}
     summary = train(net, lambda m, batch: (m(**batch).loss, {}), dataset["train"], collate, out, config,
@@ -43,7 +47,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     if lora:
         net = net.merge_and_unload()  # plain weights again: OUT loads without peft
     net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
     result = {"task": task, "data": data, "train_examples": len(dataset["train"]),
               "test_examples": len(test), **summary}
     (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -53,24 +57,52 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
 
 
 def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None = None,
-             label_column: str | None = None, max_length: int = 128, seed: int = 0) -> dict:
-    """Score `model` on the test split of `data`: accuracy and F1, or perplexity."""
+             label_column: str | None = None, image_column: str | None = None, teacher: str | None = None,
+             max_length: int = 128, seed: int = 0) -> dict:
+    """Score `model` on the test split of `data`: accuracy and F1, perplexity, or (task "embedding")
+    the mean cosine between its mean-pooled sentence embeddings and `teacher`'s."""
+    if task == "embedding":
+        return _embedding_cosine(model, teacher, data, text_column, max_length, seed)
+    if teacher is not None:
+        raise fail("teacher", teacher, f"is only used by --task embedding, not {task}", "leave --teacher out")
+    spec = get_task(task)
+    dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
+                        image_column=image_column, seed=seed)
+    net = load_model(model, spec)
+    classes = len(label_names(dataset["test"])) if spec.labelled else None
+    if spec.labelled and net.config.num_labels != classes:
+        raise fail("task", task, f"needs {classes} labels but the model has {net.config.num_labels}",
+                   "fine-tune it on this data first (reshape finetune)")
+    return score(net, dataset["test"], collator(preprocessor(model, spec), spec, max_length), spec)
+
+
+@torch.no_grad()
+def _embedding_cosine(model, teacher, data, text_column, max_length, seed, batch_size: int = 64) -> dict:
     from transformers import AutoTokenizer
 
-    spec = get_task(task)
-    dataset = load_data(data, task=task, text_column=text_column, label_column=label_column, seed=seed)
-    net = load_model(model, spec)
-    if spec.labelled and net.config.num_labels != dataset["test"].features["label"].num_classes:
-        raise fail("task", task, f"needs {dataset['test'].features['label'].num_classes} labels but the model "
-                   f"has {net.config.num_labels}", "fine-tune it on this data first (reshape finetune)")
+    if teacher is None:
+        raise fail("teacher", None, "is needed by --task embedding to compare sentence embeddings with",
+                   "pass --teacher, e.g. the model this one was converted from")
+    texts = load_data(data, task="embedding", text_column=text_column, seed=seed)["test"]["text"]
     tokenizer = AutoTokenizer.from_pretrained(model)
-    return score(net, dataset["test"], collator(tokenizer, spec, max_length), spec)
+    student, reference = (load_source_model(open_source(str(m))) for m in (model, teacher))
+    cosines = []
+    for start in range(0, len(texts), batch_size):
+        batch = dict(tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+                               padding=True, return_tensors="pt"))
+        a, b = (mean_pool(m(**batch, output_hidden_states=True).hidden_states[-1], batch["attention_mask"]) for m in (student, reference))
+        cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=-1))
+    cosine = torch.cat(cosines)
+    return {"cosine": cosine.mean().item(), "min_cosine": cosine.min().item(), "score": cosine.mean().item(),
+            "examples": len(cosine)}
 
 
 def _with_lora(model, rank: int, task):
     """Low-rank adapters on every linear layer of the blocks; the task head trains in full."""
     from peft import LoraConfig, get_peft_model
 
-    peft_task = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(task.name)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type=peft_task)
+    peft_task = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}.get(task.name)
+    head = ["classifier"] if task.name == "image-cls" else None  # no peft task type trains an image head
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type=peft_task,
+                        modules_to_save=head)
     return get_peft_model(model, config)

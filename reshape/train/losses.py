@@ -196,8 +196,8 @@ def pooled_cosine(student_last_hidden: Tensor, teacher_last_hidden: Tensor, mask
                    "the student's embedding width differs from the teacher's, so they cannot be compared",
                    "distil pooled embeddings between models of the same width, or set its weight to 0")
     _same_shape("last hidden states", student_last_hidden, teacher_last_hidden)
-    student = _mean_pool(student_last_hidden.float(), mask)
-    teacher = _mean_pool(teacher_last_hidden.detach().float(), mask)
+    student = mean_pool(student_last_hidden.float(), mask)
+    teacher = mean_pool(teacher_last_hidden.detach().float(), mask)
     return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
@@ -226,7 +226,7 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return torch.where(keep, values, 0).sum() / keep.sum().clamp(min=1)
 
 
-def _mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
+def mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return hidden.mean(1)
     keep = mask.bool()[..., None]

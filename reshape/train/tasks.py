@@ -19,14 +19,17 @@ from ..errors import fail
 class Task:
     name: str
     auto_class: str  # the transformers Auto class that adds this task's head
-    labelled: bool  # batches carry class labels
+    labelled: bool  # batches carry class labels (per example, or per word for token-cls)
     metric: str  # the "score" that picks the best checkpoint (higher is better)
+    inputs: str = "text"  # "text", "tokens" (pre-split words) or "image"
 
 
 TASKS = {
     "seq-cls": Task("seq-cls", "AutoModelForSequenceClassification", True, "accuracy"),
+    "token-cls": Task("token-cls", "AutoModelForTokenClassification", True, "accuracy", inputs="tokens"),
     "masked-lm": Task("masked-lm", "AutoModelForMaskedLM", False, "neg_perplexity"),
     "causal-lm": Task("causal-lm", "AutoModelForCausalLM", False, "neg_perplexity"),
+    "image-cls": Task("image-cls", "AutoModelForImageClassification", True, "accuracy", inputs="image"),
 }
 
 
@@ -53,10 +56,31 @@ def load_model(path, task: Task, label_names: list[str] | None = None, trust_rem
                    "choose a task this model supports") from None
 
 
-def collator(tokenizer, task: Task, max_length: int) -> Callable[[list[dict]], dict]:
-    """Tokenise a list of {"text", "label"?} rows into a padded batch with the loss's labels."""
+def preprocessor(path, task: Task):
+    """The tokenizer, or for images the image processor, saved with the model at `path`."""
+    import transformers
+
+    auto = transformers.AutoImageProcessor if task.inputs == "image" else transformers.AutoTokenizer
+    try:
+        return auto.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        kind = "an image processor" if task.inputs == "image" else "a tokenizer"
+        raise fail("model", path, f"has no {kind} for task {task.name} ({str(e).splitlines()[0][:120]})",
+                   "use a folder written by reshape convert, or save the processor beside the model") from None
+
+
+def collator(processor, task: Task, max_length: int) -> Callable[[list[dict]], dict]:
+    """Turn a list of rows into a padded batch with the loss's labels: {"text", "label"?} rows are
+    tokenised, {"tokens", "label"} rows tokenised as words with each word's tag on its first sub-token,
+    {"image", "label"} rows run through the image processor as RGB."""
+    if task.inputs == "image":
+        return lambda rows: {**processor([r["image"].convert("RGB") for r in rows], return_tensors="pt"),
+                             "labels": torch.tensor([r["label"] for r in rows])}
+    tokenizer = processor
     if tokenizer.pad_token is None:  # decoders often ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    if task.inputs == "tokens":
+        return lambda rows: _word_batch(tokenizer, rows, max_length)
 
     def collate(rows: list[dict]) -> dict:
         batch = dict(tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length, padding=True,
@@ -71,6 +95,19 @@ def collator(tokenizer, task: Task, max_length: int) -> Callable[[list[dict]], d
         return batch
 
     return collate
+
+
+def _word_batch(tokenizer, rows: list[dict], max_length: int) -> dict:
+    encoded = tokenizer([r["tokens"] for r in rows], is_split_into_words=True, truncation=True,
+                        max_length=max_length, padding=True, return_tensors="pt")
+    labels = torch.full(encoded["input_ids"].shape, -100)
+    for i, row in enumerate(rows):
+        previous = None
+        for position, word in enumerate(encoded.word_ids(i)):
+            if word is not None and word != previous:  # a word's first sub-token carries its tag
+                labels[i, position] = row["label"][word]
+            previous = word
+    return {**encoded, "labels": labels}
 
 
 def _mask_tokens(ids: torch.Tensor, attention: torch.Tensor, tokenizer, rate: float = 0.15):
@@ -92,9 +129,10 @@ def score(model: nn.Module, rows, collate, task: Task, batch_size: int = 64) -> 
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size,
                                                                                        len(rows)))]).items()}
         out = model(**batch)
-        if task.labelled:
-            predictions.append(out.logits.argmax(-1).cpu())
-            labels.append(batch["labels"].cpu())
+        if task.labelled:  # token-cls: only the tokens that carry a tag
+            scored = batch["labels"] != -100
+            predictions.append(out.logits.argmax(-1)[scored].cpu())
+            labels.append(batch["labels"][scored].cpu())
         else:
             counted = int((batch["labels"] != -100).sum()) - (batch["labels"].shape[0] if task.name == "causal-lm"
                                                                else 0)

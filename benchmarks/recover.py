@@ -1,0 +1,150 @@
+"""The fuller recovery table: MiniLM 6 x 12 -> 4 layers, every variant the demo's choices are judged by.
+
+Each row converts all-MiniLM-L6-v2, distils it on rotten-tomatoes-full text (hidden-state MSE through
+reshape.json's layer map, the `reshape distill` defaults), fine-tunes it on rotten-tomatoes fresh/rotten
+and reports test accuracy: the same budgets as examples/minilm_sentiment.py, over several seeds (the seed
+drives distillation, fine-tuning and, for --init random, the initial weights). Rows:
+
+- baseline 6 x 12: fine-tuned only;
+- 4 x 24, aware head split (the demo), and the same with the contiguous split;
+- the control 4 x 12: fewer layers, same heads;
+- 4 x 24 with importance selection (Block Influence on review text) instead of uniform;
+- 4 x 24 and 4 x 12 without distillation;
+- 4 x 24 with --init random: the paper's from-scratch start, then the same recovery.
+
+Before any training it also measures the relative error of the converted models' last hidden states
+against the source and against the 4 x 12 control on held-out review text, for both head splits.
+Finished (row, seed) results are kept in OUT/results.json, so a re-run skips them.
+
+    python benchmarks/recover.py [--seeds 2] [--distill-steps 150] [--epochs 1] [-o benchmarks/recover-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import reshape
+from reshape.presets import load_presets
+from reshape.train.distill import distill
+from reshape.train.finetune import finetune
+from reshape.train.loop import TrainConfig
+
+console = Console()
+ROWS = {
+    "baseline 6 x 12": None,
+    "4 x 24 aware, distilled": dict(heads=24, head_split="aware"),
+    "4 x 24 contiguous, distilled": dict(heads=24, head_split="contiguous"),
+    "4 x 12 control, distilled": dict(heads=12),
+    "4 x 24 aware, importance selection, distilled": dict(heads=24, select="importance"),
+    "4 x 24 aware, not distilled": dict(heads=24, distill=False),
+    "4 x 12 control, not distilled": dict(heads=12, distill=False),
+    "4 x 24 random init, distilled": dict(heads=24, init="random"),
+}
+CALIB = "rotten-tomatoes-full"
+
+
+def run_row(options: dict | None, seed: int, work: Path, args) -> float:
+    finetune_budget = TrainConfig(epochs=args.epochs, batch_size=32, lr=5e-5, seed=seed)
+    model = load_presets()["minilm"].local_folder()
+    if options is not None:
+        options = dict(options)
+        distilled = options.pop("distill", True)
+        reshape.convert("minilm", work / "converted", depth=4, seed=seed, calib=CALIB, overwrite=True, **options)
+        model = work / "converted"
+        if distilled:
+            distill("minilm", model, work / "distilled", data=CALIB, max_length=64, overwrite=True,
+                    config=TrainConfig(max_steps=args.distill_steps, batch_size=32, lr=1e-4, seed=seed))
+            model = work / "distilled"
+    result = finetune(model, work / "finetuned", task="seq-cls", data="rotten-tomatoes", config=finetune_budget,
+                      max_length=64, overwrite=True)
+    return result["best"]["accuracy"]
+
+
+@torch.no_grad()
+def split_errors() -> dict[str, dict[str, float]]:
+    """Relative error of the last hidden states before training, on 256 held-out reviews."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from reshape.source import calibration_batches, open_source
+    from reshape.train.data import load_data
+
+    folder = load_presets()["minilm"].local_folder()
+    source = AutoModel.from_pretrained(folder).eval()
+    texts = list(load_data("rotten-tomatoes", task="seq-cls")["test"]["text"][:256])
+    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True, max_length=64,
+                                                  return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    calib = calibration_batches(open_source("minilm"), CALIB)
+
+    def hidden(model):
+        return model.eval()(**batch).last_hidden_state[mask]
+
+    def rel(a, b):
+        return round(float((a - b).norm() / b.norm()), 4)
+
+    reference, control = hidden(source), hidden(reshape.leaner(source, 12, 4))
+    errors = {"4 x 12 control": {"vs source": rel(control, reference)}}
+    for split in ("contiguous", "aware"):
+        out = hidden(reshape.leaner(source, 24, 4, head_split=split, calib=calib))
+        errors[f"4 x 24 {split}"] = {"vs source": rel(out, reference), "vs 4 x 12 control": rel(out, control)}
+    return errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--rows", help="comma-separated row numbers to run (1-based); all by default")
+    parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/recover-out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    settings = {"distill_steps": args.distill_steps, "epochs": args.epochs}
+    if results.get("settings", settings) != settings:
+        raise SystemExit(f"{results_file} holds results of other settings {results['settings']}; use another -o")
+    results["settings"] = settings
+    if "split_errors" not in results:
+        console.rule("relative output error before training")
+        results["split_errors"] = split_errors()
+        results_file.write_text(json.dumps(results, indent=2))
+    chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(1, len(ROWS) + 1)
+    accuracy = results.setdefault("accuracy", {})
+    for number, (name, options) in enumerate(ROWS.items(), 1):
+        for seed in range(args.seeds):
+            if number not in chosen or str(seed) in accuracy.get(name, {}):
+                continue
+            console.rule(f"{name}, seed {seed}")
+            accuracy.setdefault(name, {})[str(seed)] = run_row(options, seed, args.out / "work", args)
+            results_file.write_text(json.dumps(results, indent=2))
+    render(results)
+
+
+def render(results: dict) -> None:
+    table = Table(title=f"MiniLM -> 4 layers on Rotten Tomatoes: test accuracy, {results['settings']}")
+    for column in ("row", "seeds", "accuracy (mean ± std)", "each seed"):
+        table.add_column(column)
+    for name, per_seed in results["accuracy"].items():
+        values = list(per_seed.values())
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.add_row(name, str(len(values)), f"{statistics.mean(values):.3f} ± {spread:.3f}",
+                      ", ".join(f"{v:.3f}" for v in values))
+    console.print(table)
+    errors = Table(title="Relative error of the last hidden states before training (held-out reviews)")
+    for column in ("model", "vs source", "vs 4 x 12 control"):
+        errors.add_column(column)
+    for name, values in results["split_errors"].items():
+        errors.add_row(name, f"{values['vs source']:.4f}", f"{values.get('vs 4 x 12 control', float('nan')):.4f}")
+    console.print(errors)
+
+
+if __name__ == "__main__":
+    main()
