@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -187,6 +188,8 @@ def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, p
 
 
 def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the first process speaks for all
+        return
     if json_output:
         print(json.dumps(result, indent=2, default=str))
     elif not quiet:

@@ -210,3 +210,19 @@ def test_cli_distill_and_resume_of_another_run(folders, tmp_path):
     again = cli(*args[:-2], "--lr", "0.5", "--resume")
     assert again.returncode == 2
     assert "is a checkpoint of a different run" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_two_cpu_processes_under_accelerate_launch(folders, tmp_path):
+    """The same command under `accelerate launch`: DDP over two CPU processes (gloo)."""
+    out = tmp_path / "ddp"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "reshape.cli", "finetune", str(folders / "student"), "--task", "seq-cls",
+                           "--data", str(folders / "reviews.csv"), "--label-column", "positive", "-o", str(out),
+                           "--steps", "4", "--batch-size", "8", "--json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["processes"] == 2  # printed once, by the first process
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4]  # logged once, not once per process
+    assert tf.AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 3

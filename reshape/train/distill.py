@@ -22,7 +22,7 @@ from ..source import load_model, open_source
 from .data import load_data, text_lengths
 from .losses import (DistillWeights, attention_relation_loss, capture_qkv, combine, hidden_loss, layer_map, logit_kl,
                      pooled_cosine)
-from .loop import TrainConfig, train
+from .loop import TrainConfig, is_main_process, train
 from .tasks import TASKS, collator
 
 EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable mean loss
@@ -109,13 +109,14 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config, eval_fn=eval_fn,
                     resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
-    student_model.save_pretrained(out)
-    copy_extra_files(student, out)
     result = {"teacher": teacher, "data": data, "layer_map": mapping, "weights": asdict(weights),
               "temperature": temperature, "config": asdict(config), **summary}
-    (out / "reshape.json").write_text(json.dumps({**(recipe or {}), "distillation": result}, indent=2) + "\n")
-    if not keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if is_main_process():
+        student_model.save_pretrained(out)
+        copy_extra_files(student, out)
+        (out / "reshape.json").write_text(json.dumps({**(recipe or {}), "distillation": result}, indent=2) + "\n")
+        if not keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
 
 

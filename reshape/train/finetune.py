@@ -14,7 +14,7 @@ from ..source import open_source
 from ..output import output_problems
 from .data import label_names, load_data, text_lengths
 from .losses import mean_pool
-from .loop import TrainConfig, train
+from .loop import TrainConfig, is_main_process, train
 from .tasks import collator, get_task, load_model, preprocessor, score
 
 
@@ -46,13 +46,14 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
                     lengths=text_lengths(dataset["train"]), progress=progress)
     if lora:
         net = net.merge_and_unload()  # plain weights again: OUT loads without peft
-    net.save_pretrained(out)
-    processor.save_pretrained(out)
     result = {"task": task, "data": data, "train_examples": len(dataset["train"]),
               "test_examples": len(test), **summary}
-    (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if is_main_process():
+        net.save_pretrained(out)
+        processor.save_pretrained(out)
+        (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+        if not keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
 
 

@@ -176,7 +176,14 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     if state["best"] is not None and state["best"]["step"] != state["step"]:
         accelerator.load_state(str(checkpoints / "best"))
     return {"steps": state["step"], "last_eval": state["last_eval"], "best": state["best"],
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "processes": accelerator.num_processes}
+
+
+def is_main_process() -> bool:
+    """False in every process but the first under `accelerate launch`: only the first writes outputs."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -229,7 +236,7 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, state: dict) -> Non
     tmp, old = folder.parent / f".{folder.name}.tmp", folder.parent / f".{folder.name}.old"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)  # before the others write their RNG states into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
