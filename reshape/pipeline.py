@@ -100,14 +100,14 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
     return new.train(model.training), new_spec
 
 
-def convert(source: str, out: str | Path, heads: int | None = None, depth: int | None = None, *,
+def convert(source: str | Path, out: str | Path, heads: int | None = None, depth: int | None = None, *,
             seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False, progress: bool = False,
             calib: str | None = None, **options) -> dict:
     """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe.
 
     With select="importance", the kept layers are those with the highest Block Influence on `calib`
     (a data recipe, file or Hub dataset of text); the aware head split is weighted by it too."""
-    out = Path(out)
+    source, out = str(source), Path(out)
     writing = output_problems(out, overwrite)
     asking = []
     importance = options.get("select") == "importance"

@@ -1,5 +1,6 @@
 """Output folders are all-or-nothing and never damage what the user had."""
 
+import json
 import pytest
 import transformers as tf
 
@@ -54,3 +55,8 @@ def test_a_failed_save_leaves_no_partial_folder(source, tmp_path, monkeypatch, e
     assert names(tmp_path) == ["models"] + (["out"] if existing else [])
     if existing:
         assert names(out) == ["keep.txt"]
+
+
+def test_a_path_source_is_recorded_as_text(source, tmp_path):
+    recipe = reshape.convert(source, tmp_path / "out", heads=4, depth=1)  # a Path, not a str
+    assert json.loads((tmp_path / "out" / "reshape.json").read_text())["source"] == str(source) == recipe["source"]

@@ -1,0 +1,73 @@
+"""Conditioning of the attention blocks, measured on real inputs (the paper's κ, and head redundancy).
+
+For each block, the concatenated head outputs before the output projection form, per sample, an N x D
+matrix (N real tokens, D = heads x head dim). Its condition number κ = σ_max / σ_min over the min(N, D)
+singular values is the paper's measure: more heads should lower it. It is captured with a forward
+pre-hook on the output projection, so it works for every family without touching attention code.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def kappa(matrix: torch.Tensor) -> float:
+    """σ_max / σ_min of one N x D matrix, over its min(N, D) singular values (inf when rank-deficient)."""
+    values = torch.linalg.svdvals(matrix.double())
+    return float(values[0] / values[-1]) if values[-1] > 0 else float("inf")
+
+
+@torch.no_grad()
+def head_outputs(model: nn.Module, family, batches: Iterable[dict]) -> dict[int, list[torch.Tensor]]:
+    """Per layer, each sample's concatenated head outputs [real tokens, heads x head dim]."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(index):
+        def record(module, args):
+            x = args[0].detach()
+            for b in range(x.shape[0]):
+                keep = mask[0][b].bool() if mask[0] is not None else slice(None)
+                captured.setdefault(index, []).append(x[b][keep].float())
+        return record
+
+    layers = family.layers(model)
+    handles = [block.get_submodule(family.weights.attn_out.name).register_forward_pre_hook(hook(i))
+               for i, block in enumerate(layers)]
+    try:
+        model.eval()
+        for batch in batches:
+            mask[0] = batch.get("attention_mask")
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def layer_conditioning(model: nn.Module, family, batches: Iterable[dict], heads: int) -> list[dict]:
+    """Per layer: κ's median and interquartile range over the samples, and the mean absolute
+    correlation between the outputs of different heads (1 = fully redundant heads)."""
+    result = []
+    for index, samples in sorted(head_outputs(model, family, batches).items()):
+        values = torch.tensor([kappa(x) for x in samples], dtype=torch.float64)
+        finite = values[values.isfinite()]
+        q = torch.quantile(finite, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)) if len(finite) \
+            else torch.full((3,), float("inf"))
+        result.append({"layer": index, "kappa_median": round(float(q[1]), 4),
+                       "kappa_iqr": [round(float(q[0]), 4), round(float(q[2]), 4)],
+                       "head_correlation": round(head_correlation(torch.cat(samples), heads), 4)})
+    return result
+
+
+def head_correlation(outputs: torch.Tensor, heads: int) -> float:
+    """Mean |Pearson correlation| between heads, each head's outputs flattened over tokens and dims."""
+    if heads < 2:
+        return 0.0
+    per_head = outputs.reshape(outputs.shape[0], heads, -1).transpose(0, 1).reshape(heads, -1)
+    corr = torch.corrcoef(per_head.double())
+    off_diagonal = corr[~torch.eye(heads, dtype=torch.bool)]
+    return float(off_diagonal.nan_to_num(0).abs().mean())
