@@ -80,9 +80,10 @@ def main() -> None:
     rows = []
     for name, folder in (("baseline 6 x 12", baseline), ("leaner 4 x 24, distilled", work / "distilled")):
         console.rule(f"3/4 fine-tune {name} on rotten-tomatoes")
-        result = finetune(folder, work / name.split()[0], task="seq-cls", data="rotten-tomatoes",
+        tuned = work / f"finetuned-{name.split()[0]}"
+        result = finetune(folder, tuned, task="seq-cls", data="rotten-tomatoes",
                           config=finetune_budget, max_length=64, overwrite=True, progress=True)
-        rows.append((name, work / name.split()[0], result["best"]["accuracy"]))
+        rows.append((name, tuned, result["best"]["accuracy"]))
     console.rule("4/4 measure")
     table = Table(title="MiniLM on Rotten Tomatoes (fresh vs rotten), same fine-tune budget, same test split")
     for column in ("model", "parameters", "without embeddings", "test accuracy", "CPU ms / batch of 32 x 64"):

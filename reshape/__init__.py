@@ -3,7 +3,9 @@
 __version__ = "0.1.0"
 
 from .pipeline import convert, inspect, leaner  # noqa: E402
+from .report import report  # noqa: E402
 from .errors import Problem, ReshapeError  # noqa: E402
 from .plan import Plan, Shape, make_plan, select_layers  # noqa: E402
 
-__all__ = ["Plan", "Problem", "ReshapeError", "Shape", "convert", "inspect", "leaner", "make_plan", "select_layers"]
+__all__ = ["Plan", "Problem", "ReshapeError", "Shape", "convert", "inspect", "leaner", "make_plan", "report",
+           "select_layers"]

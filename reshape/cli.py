@@ -278,6 +278,54 @@ def distill(
     _print_result(result, json_output, quiet, f"Wrote {out}; best held-out")
 
 
+@app.command()
+def report(
+    base: Annotated[str, typer.Argument(help="The source model (alias, folder or Hub id).")],
+    leaner: Annotated[str, typer.Argument(help="The converted model to compare with it.")],
+    data: Annotated[Optional[str], typer.Option(help="Data to score both on (with --task); conditioning is "
+                                                     "then measured on its text.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task for --data: seq-cls, token-cls, masked-lm, causal-lm, "
+                                                     "image-cls.")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,32",
+    seq_len: Annotated[int, typer.Option(help="Tokens per text sample for FLOPs, latency and memory.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Timed runs per batch size (after 3 warm-up runs).")] = 10,
+    no_kappa: Annotated[bool, typer.Option("--no-kappa", help="Skip the conditioning probe.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md and "
+                                                                    "plots (must be empty or absent).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    quiet: Quiet = False,
+    json_output: Json = False,
+):
+    """Measure BASE and LEANER side by side: parameters, FLOPs, latency, memory, conditioning, quality."""
+    _setup(quiet or json_output)
+    with _user_errors():
+        from .report import figures
+        from .report import report as run
+
+        sizes = _parse_indices(batch_sizes, "batch_sizes")
+        say = None if quiet or json_output else (lambda text: err_console.print(f"[dim]{text}…[/dim]"))
+        result = run(base, leaner, data=data, task=task, batch_sizes=tuple(sizes), seq_len=seq_len, repeats=repeats,
+                     kappa=not no_kappa, out=out, overwrite=overwrite, progress=say)
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    if quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{base} vs {leaner} ({result['device']}, {result['threads']} threads, "
+                        f"{result['seq_len']} tokens)")
+    for column in ("", "base", "leaner", "leaner / base"):
+        table.add_column(column, justify="left" if not column else "right")
+    for row in figures(result):
+        table.add_row(*row)
+    out_console.print(table)
+    for note in result["notes"]:
+        out_console.print(f"note: {note}")
+    if out:
+        out_console.print(f"Wrote {out}/report.json, report.md and plots")
+
+
 def main():  # console-script entry point
     app()
 

@@ -76,25 +76,6 @@ def attention_input_covariances(model: nn.Module, layers: nn.Module, weights: Bl
     return {i: sums[i] / counts[i] for i in sums}
 
 
-def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, tokens: int = 64,
-                  seed: int = 0) -> list[dict]:
-    """Calibration batches without data: uniform random token ids, or standard-normal images."""
-    generator = torch.Generator().manual_seed(seed)
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab:
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        tokens = min(tokens, positions - 2) if positions else tokens  # RoBERTa's positions start at 2
-        return [{"input_ids": torch.randint(vocab, (batch_size, tokens), generator=generator)} for _ in range(batches)]
-    if config is not None:  # a transformers vision model
-        size, channels = config.image_size, config.num_channels
-        key, size = "pixel_values", (size, size) if isinstance(size, int) else tuple(size)
-    else:  # timm
-        channels, size, key = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size), "x"
-    dtype = next(model.parameters()).dtype
-    return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
-
-
 def _low_rank_factors(cov_q: torch.Tensor, cov_k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """P, P' (d_h x rank) minimising E[(q^T (I - P P'^T) k)^2] for q, k with these covariances."""
     root_q, inv_root_q = _roots(cov_q)

@@ -1,0 +1,35 @@
+"""Model inputs without data: random token ids or noise images of the right shape, for calibration
+and measurement."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def max_tokens(model: nn.Module) -> int | None:
+    """The longest input a text model takes, or None when it has no position limit (or is not text)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return None
+    return positions - 2 if getattr(config, "model_type", "") == "roberta" else positions  # positions start at 2
+
+
+def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, tokens: int = 64,
+                  seed: int = 0) -> list[dict]:
+    """Calibration batches without data: uniform random token ids, or standard-normal images."""
+    generator = torch.Generator().manual_seed(seed)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab:
+        limit = max_tokens(model)
+        tokens = min(tokens, limit) if limit else tokens
+        return [{"input_ids": torch.randint(vocab, (batch_size, tokens), generator=generator)} for _ in range(batches)]
+    if config is not None:  # a transformers vision model
+        size, channels = config.image_size, config.num_channels
+        key, size = "pixel_values", (size, size) if isinstance(size, int) else tuple(size)
+    else:  # timm
+        channels, size, key = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size), "x"
+    dtype = next(model.parameters()).dtype
+    return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
