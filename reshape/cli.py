@@ -178,6 +178,8 @@ Precision = Annotated[str, typer.Option(help="auto (bf16 on a supporting GPU), n
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT's last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
 KeepCheckpoints = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep OUT/checkpoints after training.")]
+LogKappa = Annotated[bool, typer.Option("--log-kappa", help="Log each layer's attention κ at every evaluation "
+                                                            "(OUT/metrics.jsonl).")]
 
 
 def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision):
@@ -206,7 +208,7 @@ def finetune(
     steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
-    quiet: Quiet = False, json_output: Json = False,
+    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False,
 ):
     """Fine-tune MODEL on a task; write the best checkpoint to OUT."""
     _setup(quiet or json_output)
@@ -215,7 +217,7 @@ def finetune(
 
         result = run(model, out, task=task, data=data, text_column=text_column, label_column=label_column,
                      image_column=image_column, max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
-                     keep_checkpoints=keep_checkpoints, progress=not (quiet or json_output),
+                     keep_checkpoints=keep_checkpoints, log_kappa=log_kappa, progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
     _print_result(result, json_output, quiet, f"Wrote {out}; best test")
@@ -259,7 +261,7 @@ def distill(
     steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
-    quiet: Quiet = False, json_output: Json = False,
+    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False,
 ):
     """Distil the STUDENT from the TEACHER on text; write it to OUT."""
     _setup(quiet or json_output)
@@ -272,7 +274,7 @@ def distill(
                      temperature=temperature, hidden_kind=hidden_kind, relation_heads=relation_heads,
                      explicit_map=_parse_indices(layer_map, "layer_map"),
                      max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
-                     progress=not (quiet or json_output),
+                     log_kappa=log_kappa, progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
     _print_result(result, json_output, quiet, f"Wrote {out}; best held-out")

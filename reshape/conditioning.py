@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .families import find_family
+
 
 def kappa(matrix: torch.Tensor) -> float:
     """σ_max / σ_min of one N x D matrix, over its min(N, D) singular values (inf when rank-deficient)."""
@@ -71,3 +73,20 @@ def head_correlation(outputs: torch.Tensor, heads: int) -> float:
     corr = torch.corrcoef(per_head.double())
     off_diagonal = corr[~torch.eye(heads, dtype=torch.bool)]
     return float(off_diagonal.nan_to_num(0).abs().mean())
+
+
+def kappa_log(model: nn.Module, batches: list[dict]) -> dict:
+    """Per-layer median κ on fixed held-out batches, for the metrics log during training (--log-kappa)."""
+    family = find_family(model)
+    heads = family.shape(family.spec(model).config).heads
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in batch.items() if k != "labels"} for batch in batches]
+    return {"kappa": [layer["kappa_median"] for layer in layer_conditioning(model, family, batches, heads)]}
+
+
+def with_kappa(eval_fn, rows, collate, enabled: bool, probe_rows: int = 32):
+    """eval_fn, plus each layer's κ on the first held-out rows when enabled."""
+    if not enabled:
+        return eval_fn
+    batches = [collate([rows[i] for i in range(min(probe_rows, len(rows)))])]
+    return lambda model: {**eval_fn(model), **kappa_log(model, batches)}

@@ -54,6 +54,14 @@ def test_finetune_learns_the_task_and_eval_agrees(folders, tmp_path):
     assert scored["accuracy"] == result["best"]["accuracy"] and scored["examples"] == 24
 
 
+def test_log_kappa_records_each_layer_at_every_evaluation(folders, tmp_path):
+    out = tmp_path / "kappa"
+    finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",
+             config=TrainConfig(max_steps=4, batch_size=16, eval_every=2), log_kappa=True)
+    evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 2 and all(len(e["kappa"]) == 3 and min(e["kappa"]) >= 1 for e in evals)
+
+
 def test_lora_adapters_are_merged_into_a_plain_model(folders, tmp_path):
     out = tmp_path / "lora"
     finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..output import copy_extra_files, output_problems
 from ..source import load_model, open_source
@@ -33,7 +34,7 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
             explicit_map: list[int] | None = None, relation_heads: int | None = None,
             text_column: str | None = None, max_length: int = 128,
             resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
-            progress: bool = False) -> dict:
+            log_kappa: bool = False, progress: bool = False) -> dict:
     """Distil `student` (a reshape output folder) from `teacher`; write the student to `out`.
 
     With weights.relation > 0, each student layer also matches its teacher layer's Q-Q, K-K and V-V
@@ -107,7 +108,8 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
     run = {"teacher": teacher, "student": str(student), "data": data, "weights": asdict(weights),
            "relation_heads": relation_heads,
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
-    summary = train(student_model, loss_fn, dataset["train"], collate, out, config, eval_fn=eval_fn,
+    summary = train(student_model, loss_fn, dataset["train"], collate, out, config,
+                    eval_fn=with_kappa(eval_fn, held_out, collate, log_kappa),
                     resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
     result = {"teacher": teacher, "data": data, "layer_map": mapping, "weights": asdict(weights),
               "temperature": temperature, "config": asdict(config), **summary}

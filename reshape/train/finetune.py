@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..source import load_model as load_source_model
 from ..source import open_source
@@ -20,8 +21,8 @@ from .tasks import collator, get_task, load_model, preprocessor, score
 
 def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config: TrainConfig = TrainConfig(),
              text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
-             max_length: int = 128, lora: int | None = None, resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
-             progress: bool = False) -> dict:
+             max_length: int = 128, lora: int | None = None, resume: bool = False, overwrite: bool = False,
+             keep_checkpoints: bool = False, log_kappa: bool = False, progress: bool = False) -> dict:
     """Fine-tune `model` (a folder or Hub id) on `data`; write the best model to `out` and return its metrics."""
     out = Path(out)
     if not resume:
@@ -42,7 +43,8 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     test = dataset["test"]
     run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora}
     summary = train(net, lambda m, batch: (m(**batch).loss, {}), dataset["train"], collate, out, config,
-                    eval_fn=lambda m: score(m, test, collate, spec), resume=resume, run=run,
+                    eval_fn=with_kappa(lambda m: score(m, test, collate, spec), test, collate, log_kappa),
+                    resume=resume, run=run,
                     lengths=text_lengths(dataset["train"]), progress=progress)
     if lora:
         net = net.merge_and_unload()  # plain weights again: OUT loads without peft
