@@ -70,7 +70,7 @@ def _parse_indices(value: str | None, field: str) -> list[int] | None:
     try:
         return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        raise fail(field, value, "is not a comma-separated list of layer indices",
+        raise fail(field, value, "is not a comma-separated list of whole numbers",
                    f"write e.g. --{field.replace('_', '-')} 0,2,4") from None
 
 
@@ -326,6 +326,39 @@ def report(
         out_console.print(f"note: {note}")
     if out:
         out_console.print(f"Wrote {out}/report.json, report.md and plots")
+
+
+@app.command()
+def sweep(
+    model: Model,
+    heads: Annotated[str, typer.Option(help="Head counts to try, comma-separated, e.g. 12,24,48.")],
+    depth: Annotated[str, typer.Option(help="Depths to try, comma-separated, e.g. 2,3,4.")],
+    data: Data, task: Task, out: Out,
+    budget: Annotated[int, typer.Option(help="Optimizer steps of fine-tuning (and of distillation) per point.")],
+    seeds: Annotated[int, typer.Option(help="Runs per point with different seeds (mean ± std).")] = 1,
+    init: Init = "transfer",
+    distill_data: Annotated[Optional[str], typer.Option(
+        help="Text to distil each converted point on before fine-tuning (with --init transfer).")] = None,
+    breaks_below: Annotated[float, typer.Option(
+        help="Report the first point whose score falls below this fraction of the source's.")] = 0.98,
+    batch_size: BatchSize = 32, lr: Lr = 5e-5, max_length: MaxLength = 128,
+    quiet: Quiet = False, json_output: Json = False,
+):
+    """Convert, recover and score MODEL at every heads x depth point, with same-heads controls; resumable."""
+    _setup(True)  # a sweep's own progress lines replace the per-run output
+    with _user_errors():
+        from .sweep import markdown
+        from .sweep import sweep as run
+
+        say = None if quiet or json_output else (lambda text: err_console.print(text, markup=False))
+        results = run(model, out, heads=_parse_indices(heads, "heads"), depths=_parse_indices(depth, "depth"),
+                      data=data, task=task, budget=budget, seeds=seeds, init=init, distill_data=distill_data,
+                      breaks_below=breaks_below, batch_size=batch_size, lr=lr, max_length=max_length, progress=say)
+    if json_output:
+        print(json.dumps(results, indent=2))
+    elif not quiet:
+        out_console.print(markdown(results), markup=False, highlight=False)
+        out_console.print(f"Wrote {out}/results.json, results.md and pareto.png")
 
 
 def main():  # console-script entry point

@@ -196,7 +196,7 @@ REFUSED_PLANS = [
     pytest.param("bert", ["--keep", "0,1", "--depth", 3], "keep", "0,1",
                  ["lists 2 layers but depth is 3", "make --depth match"], id="keep-not-depth"),
     pytest.param("bert", ["--keep", "0,x"], "keep", "0,x",
-                 ["not a comma-separated list of layer indices", "--keep 0,2,4"], id="keep-not-numeric"),
+                 ["not a comma-separated list of whole numbers", "--keep 0,2,4"], id="keep-not-numeric"),
     pytest.param("llama", ["--heads", 6], "heads", 6,
                  ["does not divide the attention width 64", "use one of 4, 8"], id="llama-gqa-heads"),
     pytest.param("llama", ["--heads", 5, "--keep-head-dim"], "heads", 5,

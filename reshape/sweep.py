@@ -1,0 +1,155 @@
+"""`reshape sweep`: a heads x depth grid, each point converted, recovered and scored the same way.
+
+Every grid point runs convert -> distil (with --init transfer and distillation data) -> fine-tune -> the
+fine-tune's held-out score, for each seed. The source model itself and, for every depth, the control
+"same heads, fewer layers" are always included, so "more heads" and "less capacity" can be told apart.
+Each finished (point, seed) is saved as its own small JSON file the moment it ends: a re-run skips it,
+and an interruption loses at most the point in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import Problem, ReshapeError
+from .source import open_source
+from .train.loop import TrainConfig
+
+
+@dataclass(frozen=True)
+class Point:
+    heads: int | None  # None: the source model, unconverted
+    depth: int | None
+
+    @property
+    def name(self) -> str:
+        return "source" if self.heads is None else f"{self.depth}x{self.heads}"
+
+
+def grid(source_heads: int, heads: list[int], depths: list[int]) -> list[Point]:
+    """The source, then for each depth (deepest first) the control at the source's heads and each asked head count."""
+    points = [Point(None, None)]
+    for depth in sorted(set(depths), reverse=True):
+        for h in [source_heads, *sorted(set(heads) - {source_heads})]:
+            points.append(Point(h, depth))
+    return points
+
+
+def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], data: str, task: str,
+          budget: int, seeds: int = 1, init: str = "transfer", distill_data: str | None = None,
+          breaks_below: float = 0.98, batch_size: int = 32, lr: float = 5e-5, max_length: int = 128,
+          progress=None) -> dict:
+    """Run the grid into `out` (resumable) and return the aggregated results."""
+    from . import convert, inspect
+    from .train.distill import distill
+    from .train.finetune import finetune
+
+    out = Path(out)
+    problems = []
+    if budget < 1:
+        problems.append(Problem("budget", budget, "must be at least 1 optimizer step", "use e.g. --budget 200"))
+    if seeds < 1:
+        problems.append(Problem("seeds", seeds, "must be at least 1", "use e.g. --seeds 3"))
+    if not 0 < breaks_below <= 1:
+        problems.append(Problem("breaks_below", breaks_below, "must be a fraction in (0, 1]", "use e.g. 0.98"))
+    if problems:
+        raise ReshapeError(problems)
+    src = open_source(source)
+    shape = src.spec.family.shape(src.spec.config)
+    points = grid(shape.heads, heads, depths)
+    for point in points[1:]:  # every plan is checked before the first minute of training is spent
+        inspect(source, point.heads, point.depth)
+    settings = {"source": source, "data": data, "task": task, "budget": budget, "init": init,
+                "distill_data": distill_data, "batch_size": batch_size, "lr": lr, "max_length": max_length}
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+        raise ReshapeError([Problem("out", out, "holds a sweep with other settings "
+                                    f"({settings_file.read_text().strip()[:200]})", "use another -o, or the same settings")])
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    say = progress or (lambda text: None)
+    config = TrainConfig(max_steps=budget, batch_size=batch_size, lr=lr)
+    for number, point in enumerate(points, 1):
+        for seed in range(seeds):
+            done = out / "points" / point.name / f"seed{seed}.json"
+            if done.is_file():
+                continue
+            say(f"[{number}/{len(points)}] {point.name}, seed {seed}")
+            work = out / "work"
+            shutil.rmtree(work, ignore_errors=True)
+            model, recipe = src.folder, None
+            if point.heads is not None:
+                recipe = convert(source, work / "converted", point.heads, point.depth, init=init, seed=seed)
+                model = work / "converted"
+                if init == "transfer" and distill_data:
+                    distill(source, model, work / "distilled", data=distill_data, max_length=max_length,
+                            config=replace(config, seed=seed))
+                    model = work / "distilled"
+            tuned = finetune(model, work / "finetuned", task=task, data=data, max_length=max_length,
+                             config=replace(config, seed=seed))
+            params = recipe["params"]["result"] if recipe else inspect(source)["source"]["params"]
+            record = {"point": point.name, "heads": point.heads or shape.heads, "depth": point.depth or shape.layers,
+                      "seed": seed, "params": params, "best": tuned["best"]}
+            done.parent.mkdir(parents=True, exist_ok=True)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.rename(done)  # a point counts as done only once its file is complete
+    shutil.rmtree(out / "work", ignore_errors=True)
+    results = aggregate(out, points, breaks_below)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    pareto_plot(results, out / "pareto.png")
+    return results
+
+
+def aggregate(out: Path, points: list[Point], breaks_below: float) -> dict:
+    """Mean ± std per point over its seeds, and the first point (in grid order) below the bar."""
+    rows = []
+    for point in points:
+        records = [json.loads(f.read_text()) for f in sorted((out / "points" / point.name).glob("seed*.json"))]
+        scores = [r["best"]["score"] for r in records]
+        rows.append({"point": point.name, "heads": records[0]["heads"], "depth": records[0]["depth"],
+                     "control": point.heads is not None and records[0]["heads"] == rows[0]["heads"],
+                     "params": records[0]["params"]["total"], "non_embedding": records[0]["params"]["non_embedding"],
+                     "seeds": len(scores), "mean": statistics.mean(scores),
+                     "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "scores": scores})
+    baseline = rows[0]["mean"]
+    # Scores are "higher is better": accuracy, or minus perplexity, where the bar sits above the baseline.
+    bar = breaks_below * baseline if baseline >= 0 else baseline / breaks_below
+    breaks = next((row["point"] for row in rows[1:] if row["mean"] < bar), None)
+    return {"rows": rows, "breaks_below": breaks_below, "bar": bar, "breaks_at": breaks}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| point | layers x heads | parameters | without embeddings | score (mean ± std) | seeds |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        label = row["point"] + (" (control: same heads)" if row["control"] else "")
+        lines.append(f"| {label} | {row['depth']} x {row['heads']} | {row['params']:,} | {row['non_embedding']:,} | "
+                     f"{row['mean']:.4f} ± {row['std']:.4f} | {row['seeds']} |")
+    verdict = (f"First point below {results['breaks_below']:.0%} of the source ({results['bar']:.4f}): "
+               f"{results['breaks_at']}" if results["breaks_at"] else
+               f"No point fell below {results['breaks_below']:.0%} of the source ({results['bar']:.4f}).")
+    return "\n".join([*lines, "", verdict]) + "\n"
+
+
+def pareto_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in results["rows"]:
+        marker = "*" if row["point"] == "source" else ("s" if row["control"] else "o")
+        ax.errorbar(row["params"], row["mean"], yerr=row["std"], fmt=marker, capsize=3)
+        ax.annotate(row["point"], (row["params"], row["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(results["bar"], linestyle="--", linewidth=1, color="grey")
+    ax.set(xlabel="parameters", ylabel="score", title="score vs parameters (square: same-heads control)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
