@@ -120,8 +120,10 @@ def convert(
         if "layer_scores" in recipe:
             scores = ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(recipe["layer_scores"]["scores"]))
             out_console.print(f"Block influence per source layer on {recipe['layer_scores']['calib']}: {scores}")
-        out_console.print(f"Kept layers {recipe['plan']['keep']}; saved {recipe['params']['saved_fraction']:.1%} "
-                          f"of the parameters. Wrote {out}")
+        split = (f"; aware head split fitted on {recipe['head_split_calib']}" if "head_split_calib" in recipe
+                 else "")
+        out_console.print(f"Kept layers {recipe['plan']['keep']}{split}; saved "
+                          f"{recipe['params']['saved_fraction']:.1%} of the parameters. Wrote {out}")
 
 
 @app.command()
