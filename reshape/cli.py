@@ -283,6 +283,28 @@ def distill(
 
 
 @app.command()
+def presets(json_output: Json = False):
+    """List the preset aliases: Hub id, family, recommended heads and depth, and where that comes from."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .presets import load_presets
+
+    found = load_presets()
+    if json_output:
+        print(json.dumps({alias: asdict(p) for alias, p in found.items()}, indent=2))
+        return
+    table = Table(title="reshape presets (presets/*.yaml)")
+    for column in ("alias", "hub id", "family", "heads", "depth", "offline", "recommendation from"):
+        table.add_column(column, overflow="fold")
+    for alias, p in found.items():
+        offline = "installed" if p.local_folder() else (p.offline_package or "-")
+        table.add_row(alias, p.hub_id, p.family, str(p.heads), str(p.depth), offline, p.source)
+    out_console.print(table)
+
+
+@app.command()
 def report(
     base: Annotated[str, typer.Argument(help="The source model (alias, folder or Hub id).")],
     leaner: Annotated[str, typer.Argument(help="The converted model to compare with it.")],

@@ -309,3 +309,20 @@ def test_out_inside_the_source_folder_is_refused(models, tmp_path):
     result = run_cli("convert", source, "--out", source / "leaner", "--heads", 8, "--depth", 2)
     assert_refused(result, ("out", source / "leaner", ["is inside the source model's folder", "choose a folder outside"]))
     assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_every_command_is_documented_in_the_readme():
+    from reshape.cli import app
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"convert", "inspect", "distill", "finetune", "eval", "report", "sweep", "presets"} <= set(commands)
+    assert [c for c in commands if f"reshape {c} " not in readme] == []
+
+
+def test_presets_lists_every_preset_file():
+    done = run_cli("presets", "--json")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    files = sorted(p.stem for p in (Path(__file__).parent.parent / "presets").glob("*.yaml"))
+    assert sorted(listed) == files and listed["minilm"]["heads"] == 24
