@@ -10,6 +10,7 @@ import transformers as tf
 
 import reshape
 from reshape.errors import ReshapeError
+from reshape.families.timm_vit import TIMM_VIT
 from reshape.train.distill import distill
 from reshape.train.finetune import evaluate, finetune
 from reshape.train.losses import DistillWeights
@@ -147,28 +148,53 @@ def test_token_classification_tags_each_word(folders, tmp_path):
     assert scored["accuracy"] == 1.0
 
 
-def test_image_classification_on_an_image_folder(tmp_path):
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two classes of 16x16 grayscale images: dark and light, with noise."""
     from PIL import Image
 
+    root = tmp_path_factory.mktemp("images")
     g = torch.Generator().manual_seed(0)
     for label, level in (("dark", 40), ("light", 215)):
-        (tmp_path / "images" / label).mkdir(parents=True)
+        (root / label).mkdir()
         for i in range(24):
             noise = torch.randint(-30, 30, (16, 16), generator=g)
-            Image.fromarray((level + noise).clamp(0, 255).byte().numpy(), mode="L").save(
-                tmp_path / "images" / label / f"{i}.png")
+            Image.fromarray((level + noise).clamp(0, 255).byte().numpy(), mode="L").save(root / label / f"{i}.png")
+    return root
+
+
+def test_image_classification_on_an_image_folder(images, tmp_path):
     torch.manual_seed(0)
     config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           image_size=16, patch_size=8)
     tf.ViTModel(config).save_pretrained(tmp_path / "vit")
     tf.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
     out = tmp_path / "classifier"
-    result = finetune(tmp_path / "vit", out, task="image-cls", data=str(tmp_path / "images"),
+    result = finetune(tmp_path / "vit", out, task="image-cls", data=str(images),
                       config=TrainConfig(max_steps=20, batch_size=8, lr=3e-3))
     assert result["best"]["accuracy"] == 1.0 and result["test_examples"] == 10
     assert tf.AutoModelForImageClassification.from_pretrained(out).config.id2label == {0: "dark", 1: "light"}
     assert (out / "preprocessor_config.json").is_file()
-    assert evaluate(out, task="image-cls", data=str(tmp_path / "images"))["accuracy"] == 1.0
+    assert evaluate(out, task="image-cls", data=str(images))["accuracy"] == 1.0
+
+
+def test_timm_image_classification_saves_a_timm_folder(images, tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=0)
+    TIMM_VIT.save(model, None, tmp_path / "vit")  # a timm folder, as convert writes one
+    out = tmp_path / "classifier"
+    result = finetune(tmp_path / "vit", out, task="image-cls", data=str(images),
+                      config=TrainConfig(max_steps=20, batch_size=8, lr=3e-3))
+    assert result["best"]["accuracy"] == 1.0
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert reloaded.num_classes == 2 and json.loads((out / "config.json").read_text())["label_names"] == ["dark", "light"]
+    assert evaluate(out, task="image-cls", data=str(images))["accuracy"] == 1.0
+    (tmp_path / "t.csv").write_text("text,label\na,0\nb,1\nc,0\nd,1\ne,0\n")
+    with pytest.raises(ReshapeError, match="task=seq-cls: does not fit the timm image model"):
+        evaluate(out, task="seq-cls", data=str(tmp_path / "t.csv"))
 
 
 def test_embedding_eval_compares_with_the_teacher(folders):

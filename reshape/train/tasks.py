@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import fail
+from .timm_task import TimmProcessor, is_timm_folder, load_classifier
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ def load_model(path, task: Task, label_names: list[str] | None = None, trust_rem
     """The model at `path` with `task`'s head (a fresh head when the checkpoint has none)."""
     import transformers
 
+    if is_timm_folder(path):
+        if task.name != "image-cls":
+            raise fail("task", task.name, f"does not fit the timm image model at {path}", "use --task image-cls")
+        return load_classifier(path, label_names if task.labelled else None)
     kwargs = {}
     if task.labelled and label_names:
         kwargs = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
@@ -60,6 +65,8 @@ def preprocessor(path, task: Task):
     """The tokenizer, or for images the image processor, saved with the model at `path`."""
     import transformers
 
+    if task.inputs == "image" and is_timm_folder(path):
+        return TimmProcessor(path)
     auto = transformers.AutoImageProcessor if task.inputs == "image" else transformers.AutoTokenizer
     try:
         return auto.from_pretrained(path)
