@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .families import find_family
+from .inputs import run_with_input_hooks
 
 
 def kappa(matrix: torch.Tensor) -> float:
@@ -22,31 +23,17 @@ def kappa(matrix: torch.Tensor) -> float:
     return float(values[0] / values[-1]) if values[-1] > 0 else float("inf")
 
 
-@torch.no_grad()
 def head_outputs(model: nn.Module, family, batches: Iterable[dict]) -> dict[int, list[torch.Tensor]]:
     """Per layer, each sample's concatenated head outputs [real tokens, heads x head dim]."""
     captured: dict[int, list[torch.Tensor]] = {}
-    mask: list[torch.Tensor | None] = [None]
 
-    def hook(index):
-        def record(module, args):
-            x = args[0].detach()
-            for b in range(x.shape[0]):
-                keep = mask[0][b].bool() if mask[0] is not None else slice(None)
-                captured.setdefault(index, []).append(x[b][keep].float())
-        return record
+    def record(index, x, mask):
+        for b in range(x.shape[0]):
+            keep = mask[b].bool() if mask is not None else slice(None)
+            captured.setdefault(index, []).append(x[b][keep].float())
 
-    layers = family.layers(model)
-    handles = [block.get_submodule(family.weights.attn_out.name).register_forward_pre_hook(hook(i))
-               for i, block in enumerate(layers)]
-    try:
-        model.eval()
-        for batch in batches:
-            mask[0] = batch.get("attention_mask")
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    modules = {i: block.get_submodule(family.weights.attn_out.name) for i, block in enumerate(family.layers(model))}
+    run_with_input_hooks(model, modules, batches, record)
     return captured
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .families import BlockWeights
+from .inputs import run_with_input_hooks
 from .plan import Shape
 
 
@@ -47,32 +48,20 @@ def aware_split(layer: dict[str, torch.Tensor], weights: BlockWeights, shape: Sh
     _write_back(layer, k_proj, k_rows, wk)
 
 
-@torch.no_grad()
 def attention_input_covariances(model: nn.Module, layers: nn.Module, weights: BlockWeights, indices: Iterable[int],
                                 batches: Iterable[dict]) -> dict[int, torch.Tensor]:
     """E[x x^T] of the (bias-augmented) inputs of each listed block's query projection, over real tokens."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    mask: list[torch.Tensor | None] = [None]
 
-    def hook(index):
-        def record(module, args):
-            x = args[0].detach().double()
-            x = x[mask[0].bool()] if mask[0] is not None else x.reshape(-1, x.shape[-1])
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-            sums[index] = sums.get(index, 0) + x.T @ x
-            counts[index] = counts.get(index, 0) + len(x)
-        return record
+    def record(index, x, mask):
+        x = x.double()
+        x = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        sums[index] = sums.get(index, 0) + x.T @ x
+        counts[index] = counts.get(index, 0) + len(x)
 
-    handles = [layers[i].get_submodule(weights.attn_in[0].name).register_forward_pre_hook(hook(i)) for i in indices]
-    try:
-        model.eval()
-        for batch in batches:
-            mask[0] = batch.get("attention_mask")
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_input_hooks(model, {i: layers[i].get_submodule(weights.attn_in[0].name) for i in indices}, batches, record)
     return {i: sums[i] / counts[i] for i in sums}
 
 

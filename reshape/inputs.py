@@ -33,3 +33,20 @@ def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, toke
         channels, size, key = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size), "x"
     dtype = next(model.parameters()).dtype
     return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
+
+
+@torch.no_grad()
+def run_with_input_hooks(model: nn.Module, modules: dict[int, nn.Module], batches, record) -> None:
+    """Run each batch through `model` in eval mode; `record(index, x, mask)` receives the first positional
+    input of every listed module and the batch's attention mask (None without one)."""
+    mask: list[torch.Tensor | None] = [None]
+    handles = [module.register_forward_pre_hook(lambda m, args, i=i: record(i, args[0].detach(), mask[0]))
+               for i, module in modules.items()]
+    try:
+        model.eval()
+        for batch in batches:
+            mask[0] = batch.get("attention_mask")
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
