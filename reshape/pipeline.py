@@ -18,8 +18,8 @@ from . import __version__
 from .errors import Problem, ReshapeError, fail
 from .families import ModelSpec, find_family
 from .headsplit import attention_input_covariances
-from .inputs import random_inputs
 from .importance import layer_scores, most_important
+from .inputs import random_inputs
 from .output import model_card, output_problems, staged
 from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
 from .presets import preset_for
