@@ -142,7 +142,8 @@ def render(results: dict) -> None:
     for column in ("model", "vs source", "vs 4 x 12 control"):
         errors.add_column(column)
     for name, values in results["split_errors"].items():
-        errors.add_row(name, f"{values['vs source']:.4f}", f"{values.get('vs 4 x 12 control', float('nan')):.4f}")
+        control = values.get("vs 4 x 12 control")
+        errors.add_row(name, f"{values['vs source']:.4f}", "-" if control is None else f"{control:.4f}")
     console.print(errors)
 
 
