@@ -4,7 +4,7 @@ The baseline and the leaner model get the same fine-tuning budget and the same h
 the script prints parameters, test accuracy and CPU latency per batch for both. Offline, on the real
 all-MiniLM-L6-v2 weights and real review snippets (see the README for how they install).
 
-    python examples/minilm_sentiment.py [--distill-steps 150] [--epochs 1] [--select importance] [--smoke]
+    python examples/minilm_sentiment.py [--distill-steps 300] [--epochs 1] [--select importance] [--smoke]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def params(folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--select", default="uniform", choices=["uniform", "importance"],
                         help="which 4 of the 6 layers stay: evenly spaced, or by Block Influence on review text")

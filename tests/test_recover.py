@@ -55,6 +55,16 @@ def test_finetune_learns_the_task_and_eval_agrees(folders, tmp_path):
     assert scored["accuracy"] == result["best"]["accuracy"] and scored["examples"] == 24
 
 
+def test_a_new_task_head_is_seeded_whatever_ran_before(folders, tmp_path):
+    weights = []
+    for i, draws in enumerate((0, 1000)):
+        torch.rand(draws)  # other work in the same process moves the global RNG
+        finetune(folders / "student", tmp_path / str(i), task="seq-cls", data=str(folders / "reviews.csv"),
+                 label_column="positive", config=TrainConfig(max_steps=2, batch_size=16))
+        weights.append(tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / str(i)).classifier.weight)
+    assert torch.equal(*weights)
+
+
 def test_log_kappa_records_each_layer_at_every_evaluation(folders, tmp_path):
     out = tmp_path / "kappa"
     finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",

@@ -36,6 +36,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
                         image_column=image_column, seed=config.seed)
     labels = label_names(dataset["train"]) if spec.labelled else None
     processor = preprocessor(model, spec)
+    torch.manual_seed(config.seed)  # a new task head is drawn here: it must not depend on earlier work
     net = load_model(model, spec, labels)
     if lora:
         net = _with_lora(net, lora, spec)
