@@ -98,7 +98,7 @@ def test_eval_refuses_a_model_without_the_task_head(folders):
 
 def test_distillation_brings_the_student_closer_to_its_teacher(folders, tmp_path):
     out = tmp_path / "distilled"
-    result = distill(str(folders / "teacher"), folders / "student", out, data=str(folders / "text.txt"),
+    result = distill(folders / "teacher", folders / "student", out, data=folders / "text.txt",  # paths are fine
                      config=TrainConfig(max_steps=40, batch_size=16, lr=3e-3, eval_every=40))
     assert result["layer_map"] == [0, 2, 3]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,7 @@ from .tasks import TASKS, collator
 EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable mean loss
 
 
-def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, config: TrainConfig = TrainConfig(),
+def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: str | Path, config: TrainConfig = TrainConfig(),
             weights: DistillWeights = DistillWeights(), temperature: float = 2.0, hidden_kind: str = "mse",
             explicit_map: list[int] | None = None, relation_heads: int | None = None,
             text_column: str | None = None, max_length: int = 128,
@@ -42,7 +42,7 @@ def distill(teacher: str, student: str | Path, out: str | Path, *, data: str, co
     count, that divide every Q/K/V width of both models."""
     from transformers import AutoTokenizer
 
-    out, student = Path(out), Path(student)
+    teacher, data, out, student = str(teacher), str(data), Path(out), Path(student)  # reshape.json holds text
     problems = [] if resume else output_problems(out, overwrite)
     if problems:
         raise ReshapeError(problems)
