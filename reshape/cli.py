@@ -110,7 +110,8 @@ def convert(
 
         recipe = convert_model(model, out, heads, depth, seed=seed, overwrite=overwrite, calib=calib,
                                trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
-                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force))
+                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
+                                               allow_fewer_heads, force))
     if json_output:
         print(json.dumps({"out": str(out), **recipe}, indent=2))
     elif not quiet:
@@ -149,7 +150,8 @@ def inspect(
         from .summary import table
 
         report = inspect_model(model, heads, depth, trust_remote_code=trust_remote_code,
-                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force))
+                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
+                                               allow_fewer_heads, force))
     if json_output:
         print(json.dumps(report, indent=2))
         return

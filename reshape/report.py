@@ -244,7 +244,8 @@ def figures(result: dict) -> list[tuple[str, str, str, str]]:
         rows.append((label, fmt(base["memory"][key], 1), fmt(leaner["memory"][key], 1), fmt(r[f"memory.{key}"], 3)))
     for key in ("accuracy", "f1", "perplexity"):
         if key in base.get("quality", {}):
-            rows.append((key, fmt(base["quality"][key], 4), fmt(leaner["quality"][key], 4), fmt(r[f"quality.{key}"], 3)))
+            rows.append((key, fmt(base["quality"][key], 4), fmt(leaner["quality"][key], 4),
+                         fmt(r[f"quality.{key}"], 3)))
     if base.get("conditioning"):
         median = [statistics.median(c["kappa_median"] for c in m["conditioning"]) for m in (base, leaner)]
         rows.append(("κ, median over layers", fmt(median[0], 1), fmt(median[1], 1), fmt(median[1] / median[0], 3)))

@@ -69,7 +69,8 @@ def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], 
     settings_file = out / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
         raise ReshapeError([Problem("out", out, "holds a sweep with other settings "
-                                    f"({settings_file.read_text().strip()[:200]})", "use another -o, or the same settings")])
+                                    f"({settings_file.read_text().strip()[:200]})",
+                                    "use another -o, or the same settings")])
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     say = progress or (lambda text: None)
     config = TrainConfig(max_steps=budget, batch_size=batch_size, lr=lr)

@@ -29,7 +29,8 @@ from .tasks import TASKS, collator
 EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable mean loss
 
 
-def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: str | Path, config: TrainConfig = TrainConfig(),
+def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: str | Path,
+            config: TrainConfig = TrainConfig(),
             weights: DistillWeights = DistillWeights(), temperature: float = 2.0, hidden_kind: str = "mse",
             explicit_map: list[int] | None = None, relation_heads: int | None = None,
             text_column: str | None = None, max_length: int = 128,
@@ -123,7 +124,8 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
 
 
 def _relation_heads(teacher, student) -> int:
-    widths = [w for shape in (teacher, student) for w in (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim)]
+    widths = [w for shape in (teacher, student)
+              for w in (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim)]
     common = math.gcd(*widths)
     return max(d for d in range(1, teacher.heads + 1) if common % d == 0)
 

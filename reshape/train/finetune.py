@@ -94,7 +94,8 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, seed, batch
     for start in range(0, len(texts), batch_size):
         batch = dict(tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
                                padding=True, return_tensors="pt"))
-        a, b = (mean_pool(m(**batch, output_hidden_states=True).hidden_states[-1], batch["attention_mask"]) for m in (student, reference))
+        a, b = (mean_pool(m(**batch, output_hidden_states=True).hidden_states[-1], batch["attention_mask"])
+                for m in (student, reference))
         cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=-1))
     cosine = torch.cat(cosines)
     return {"cosine": cosine.mean().item(), "min_cosine": cosine.min().item(), "score": cosine.mean().item(),
