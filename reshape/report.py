@@ -64,8 +64,6 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
         entry = {"shape": shape.to_dict(), "params": components(model, family)}
         step(f"Counting FLOPs: {name}")
         entry["flops_per_sample"] = flops(model, _inputs(model, 1, seq_len))
-        step(f"Timing: {name}")
-        entry["latency"] = {str(b): latency(model, _inputs(model, b, seq_len), repeats) for b in batch_sizes}
         step(f"Peak memory: {name}")
         entry["memory"] = peak_memory(model, _inputs(model, batch_sizes[-1], seq_len))
         if kappa:
@@ -78,6 +76,11 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
             step(f"Evaluating: {name}")
             entry["quality"] = evaluate(sources[name].folder, task=task, data=data)
         result["models"][name] = entry
+    step("Timing both models, alternating")
+    for batch in batch_sizes:
+        timed = latency(models, {name: _inputs(m, batch, seq_len) for name, m in models.items()}, repeats)
+        for name, timing in timed.items():
+            result["models"][name].setdefault("latency", {})[str(batch)] = timing
     result["ratios"] = ratios(result["models"]["base"], result["models"]["leaner"])
     result["notes"] = notes(result)
     if out:
@@ -110,26 +113,34 @@ def flops(model: nn.Module, inputs: dict) -> int:
 
 
 @torch.no_grad()
-def latency(model: nn.Module, inputs: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median and quartiles of `repeats` forward passes after `warmup` untimed ones."""
+def latency(models: dict[str, nn.Module], inputs: dict[str, dict], repeats: int, warmup: int = 3) -> dict:
+    """Median and quartiles of `repeats` forward passes per model after `warmup` untimed ones. The models
+    take turns run by run, so a machine that speeds up or slows down during the measurement (other work,
+    clock changes) affects both alike and the ratio stays trustworthy."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    times = []
+    inputs = {name: {k: v.to(device) for k, v in batch.items()} for name, batch in inputs.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in models.items():
+        model.to(device)
     for i in range(warmup + repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    model.to("cpu")
-    q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    batch = len(next(iter(inputs.values())))
-    return {"median_ms": round(median, 3), "iqr_ms": [round(q1, 3), round(q3, 3)],
-            "samples_per_s": round(1000 * batch / median, 2)}
+        for name, model in models.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**inputs[name])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    for model in models.values():
+        model.to("cpu")
+    result = {}
+    for name, values in times.items():
+        q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+        batch = len(next(iter(inputs[name].values())))
+        result[name] = {"median_ms": round(median, 3), "iqr_ms": [round(q1, 3), round(q3, 3)],
+                        "samples_per_s": round(1000 * batch / median, 2)}
+    return result
 
 
 def peak_memory(model: nn.Module, inputs: dict) -> dict:
