@@ -125,3 +125,15 @@ def test_cli_report_json(pair):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ratios"]["flops_per_sample"] < 1 and "conditioning" not in result["models"]["base"]
+
+
+def test_report_with_data_scores_both_and_plots_quality(pair, tmp_path):
+    rows = "".join(f"the film was {w},{int(w == 'good')}\n" for w in ["good", "bad"] * 10)
+    (tmp_path / "reviews.csv").write_text("text,label\n" + rows)
+    result = reshape.report(pair / "base", pair / "leaner", data=str(tmp_path / "reviews.csv"), task="seq-cls",
+                            batch_sizes=(1,), seq_len=8, repeats=1, out=tmp_path / "report")
+    for name in ("base", "leaner"):
+        assert set(result["models"][name]["quality"]) >= {"accuracy", "f1"}
+    assert "quality.accuracy" in result["ratios"]
+    assert (tmp_path / "report" / "quality_vs_params.png").stat().st_size > 0
+    assert "conditioning measured on random inputs" not in " ".join(result["notes"])

@@ -72,6 +72,7 @@ def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None
     spec = get_task(task)
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
                         image_column=image_column, seed=seed)
+    torch.manual_seed(seed)  # a model without the task's head gets a fresh one: make it the same every time
     net = load_model(model, spec)
     classes = len(label_names(dataset["test"])) if spec.labelled else None
     if spec.labelled and net.config.num_labels != classes:
