@@ -12,8 +12,9 @@ that covariance), and the 1/sqrt(k) factor on the queries restores h's softmax s
 head dim.
 
 Measured on all-MiniLM-L6-v2 -> 4 layers x 24 heads, relative error of the last hidden states against
-the 4 x 12 control on 256 held-out Rotten Tomatoes reviews: contiguous 0.41, aware with an identity
-weighting 0.42, aware on random tokens 0.22, aware on real text 0.17.
+the 4 x 12 control on 256 held-out Rotten Tomatoes reviews (benchmarks/recover.py): contiguous 0.41,
+aware on random tokens 0.22, aware on real text 0.17. (Weighting by the identity instead of a
+covariance did no better than contiguous in a trial, which is why inputs are always used.)
 
 Rotary models are left out: RoPE ties each query/key dimension to a frequency, which a mixing of
 dimensions breaks, and grouped KV heads are shared across query heads of different parents.
@@ -85,7 +86,7 @@ def _roots(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _role_rows(weights: BlockWeights, role: str, shape: Shape):
     """The projection holding a role's output rows (q, k or v) and their range within it."""
-    width = {"q": shape.attn_width, "k": shape.kv_heads * shape.head_dim, "v": shape.kv_heads * shape.head_dim}
+    width = shape.role_widths
     for proj in weights.attn_in:
         offset = 0
         for r in proj.roles:

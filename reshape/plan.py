@@ -30,6 +30,12 @@ class Shape:
         return self.heads * self.head_dim
 
     @property
+    def role_widths(self) -> dict[str, int]:
+        """Output features of the query, key and value projections."""
+        kv = self.kv_heads * self.head_dim
+        return {"q": self.attn_width, "k": kv, "v": kv}
+
+    @property
     def grouped(self) -> bool:
         return self.kv_heads != self.heads
 

@@ -84,7 +84,7 @@ def _widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) -
     kv_heads = q_heads if not shape.grouped else list(range(shape.kv_heads))
     rows = {"q": _units(q_heads, shape.head_dim), "k": _units(kv_heads, shape.head_dim),
             "v": _units(kv_heads, shape.head_dim)}
-    width = {"q": shape.attn_width, "k": shape.kv_heads * shape.head_dim, "v": shape.kv_heads * shape.head_dim}
+    width = shape.role_widths
     for proj in weights.attn_in:
         offset, index = 0, []
         for role in proj.roles:  # fused projections stack q, k, v along the output axis

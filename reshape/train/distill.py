@@ -124,8 +124,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
 
 
 def _relation_heads(teacher, student) -> int:
-    widths = [w for shape in (teacher, student)
-              for w in (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim)]
+    widths = [w for shape in (teacher, student) for w in shape.role_widths.values()]
     common = math.gcd(*widths)
     return max(d for d in range(1, teacher.heads + 1) if common % d == 0)
 

@@ -300,8 +300,7 @@ def capture_qkv(model: nn.Module, family, layer_indices: Sequence[int]) -> Itera
         raise fail("layers", _csv(outside), f"are outside the model's layers 0..{len(blocks) - 1}",
                    "capture layers that exist")
     shape = family.shape(family.spec(model).config)
-    widths = {"q": shape.heads * shape.head_dim, "k": shape.kv_heads * shape.head_dim,
-              "v": shape.kv_heads * shape.head_dim}
+    widths = shape.role_widths
     captured: dict[int, dict[str, Tensor]] = {i: {} for i in indices}
     handles = []
     try:
