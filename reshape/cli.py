@@ -250,10 +250,15 @@ def evaluate(
 def distill(
     teacher: Annotated[str, typer.Option(help="The source model (alias, folder or Hub id).")],
     student: Annotated[str, typer.Option(help="The converted model folder (with its reshape.json).")],
-    data: Data, out: Out, text_column: TextColumn = None,
+    data: Data, out: Out,
+    task: Annotated[Optional[str], typer.Option(
+        help="seq-cls or token-cls: DATA carries labels, the TEACHER is fine-tuned on them, and the student "
+             "also learns the labels (from the teacher's head).")] = None,
+    text_column: TextColumn = None, label_column: LabelColumn = None,
     kl: Annotated[float, typer.Option(help="Weight of the logit KL term.")] = 1.0,
     hidden: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = 1.0,
     pooled: Annotated[float, typer.Option(help="Weight of the pooled-embedding cosine term.")] = 0.0,
+    task_weight: Annotated[float, typer.Option(help="Weight of the cross entropy against the labels (--task).")] = 1.0,
     relation: Annotated[float, typer.Option(
         help="Weight of the MiniLMv2 attention-relation term (Q-Q, K-K, V-V; any head counts).")] = 0.0,
     relation_heads: Annotated[Optional[int], typer.Option(
@@ -267,14 +272,14 @@ def distill(
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False,
 ):
-    """Distil the STUDENT from the TEACHER on text; write it to OUT."""
+    """Distil the STUDENT from the TEACHER on text (or on a labelled task); write it to OUT."""
     _setup(quiet or json_output)
     with _user_errors():
         from .train.distill import distill as run
         from .train.losses import DistillWeights
 
-        result = run(teacher, student, out, data=data, text_column=text_column,
-                     weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled, relation=relation),
+        result = run(teacher, student, out, data=data, task=task, text_column=text_column, label_column=label_column,
+                     weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled, relation=relation, task=task_weight),
                      temperature=temperature, hidden_kind=hidden_kind, relation_heads=relation_heads,
                      explicit_map=_parse_indices(layer_map, "layer_map"),
                      max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,

@@ -119,6 +119,32 @@ def test_attention_relation_term_trains_a_student_with_more_heads(folders, tmp_p
     assert losses[-1]["relation"] < losses[0]["relation"] / 2
 
 
+def test_task_distillation_adds_the_labels_and_starts_from_the_teachers_head(folders, tmp_path):
+    data = dict(data=str(folders / "reviews.csv"), label_column="positive")
+    finetune(folders / "teacher", tmp_path / "teacher", task="seq-cls", **data,
+             config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
+    out = tmp_path / "distilled"
+    result = distill(tmp_path / "teacher", folders / "student", out, task="seq-cls", **data,
+                     config=TrainConfig(max_steps=40, batch_size=16, lr=3e-3, log_every=1))
+    assert result["head_from_teacher"] == ["classifier.weight", "classifier.bias"]
+    assert result["best"]["accuracy"] == 1.0 and result["best"]["examples"] == 24
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert {"task", "kl", "hidden"} <= set(logged[0])
+    student = tf.AutoModelForSequenceClassification.from_pretrained(out)
+    assert student.config.num_hidden_layers == 3 and student.config.num_labels == 2
+
+
+def test_task_distillation_needs_a_fine_tuned_teacher(folders, tmp_path):
+    with pytest.raises(ReshapeError, match=r"teacher=.*teacher: has no seq-cls head, but the data has 2 labels; "
+                                           r"fine-tune the teacher on this data first"):
+        distill(folders / "teacher", folders / "student", tmp_path / "out", task="seq-cls",
+                data=str(folders / "reviews.csv"), label_column="positive")
+    with pytest.raises(ReshapeError, match="task=masked-lm: has no labels for distillation"):
+        distill(folders / "teacher", folders / "student", tmp_path / "out", task="masked-lm",
+                data=str(folders / "text.txt"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_distill_needs_a_layer_map_without_reshape_json(folders, tmp_path):
     plain = tmp_path / "plain-student"
     tf.BertForMaskedLM.from_pretrained(folders / "student").save_pretrained(plain)
@@ -242,6 +268,10 @@ def test_cli_bad_training_input(folders, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "error: label_column=mood: is not a column of reviews.csv; use one of review, positive")
+    assert not (tmp_path / "out").exists()
+    done = cli("distill", "--teacher", folders / "teacher", "--student", folders / "student", "--task", "seq-cls",
+               "--data", folders / "reviews.csv", "--label-column", "positive", "-o", tmp_path / "out")
+    assert done.returncode == 2 and "fine-tune the teacher on this data first" in done.stderr.splitlines()[-1]
     assert not (tmp_path / "out").exists()
 
 

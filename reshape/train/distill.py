@@ -1,8 +1,10 @@
-"""`reshape distill`: train a reshaped student to match its source model (the teacher) on unlabelled text.
+"""`reshape distill`: train a reshaped student to match its source model (the teacher).
 
 Each student layer learns the output of the teacher layer it was copied from (reshape.json's kept
 indices), so any depth ratio and any head counts work; the student's logits, when it has a head,
-learn the teacher's softened distribution.
+learn the teacher's softened distribution. On unlabelled text that is all; with a labelled task
+(`task="seq-cls"` or `"token-cls"`) the teacher is a model fine-tuned on that task, the student
+starts from the teacher's task head, and the cross entropy against the labels is added.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..output import copy_extra_files, output_problems
 from ..source import load_model, open_source
-from .data import load_data, text_lengths
+from .data import label_names, load_data, text_lengths
 from .losses import (DistillWeights, attention_relation_loss, capture_qkv, combine, hidden_loss, layer_map, logit_kl,
                      pooled_cosine)
 from .loop import TrainConfig, is_main_process, train
-from .tasks import TASKS, collator
+from .tasks import TASKS, Task, collator, get_task, score
+from .tasks import load_model as load_task_model
 
 EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable mean loss
 
 
 def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: str | Path,
-            config: TrainConfig = TrainConfig(),
+            task: str | None = None, label_column: str | None = None, config: TrainConfig = TrainConfig(),
             weights: DistillWeights = DistillWeights(), temperature: float = 2.0, hidden_kind: str = "mse",
             explicit_map: list[int] | None = None, relation_heads: int | None = None,
             text_column: str | None = None, max_length: int = 128,
@@ -40,7 +43,10 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
 
     With weights.relation > 0, each student layer also matches its teacher layer's Q-Q, K-K and V-V
     relations (MiniLMv2) over `relation_heads` chunks: by default the most, up to the teacher's head
-    count, that divide every Q/K/V width of both models."""
+    count, that divide every Q/K/V width of both models.
+
+    With `task` (seq-cls or token-cls), `data` must carry labels and `teacher` must already be fine-tuned
+    on them; the best checkpoint is then the one with the best held-out task score."""
     from transformers import AutoTokenizer
 
     teacher, data, out, student = str(teacher), str(data), Path(out), Path(student)  # reshape.json holds text
@@ -65,13 +71,25 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     if overwrite and not resume:
         shutil.rmtree(out, ignore_errors=True)
 
-    language_model = "CausalLM" in student_source.spec.cls.__name__
-    dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column,
-                        seed=config.seed)
-    teacher_model = load_model(teacher_source).requires_grad_(False)
-    student_model = load_model(student_source).train()
     tokenizer = AutoTokenizer.from_pretrained(student)
-    collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
+    if task is None:
+        language_model = "CausalLM" in student_source.spec.cls.__name__
+        dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column,
+                            seed=config.seed)
+        teacher_model = load_model(teacher_source)
+        student_model = load_model(student_source)
+        collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
+    else:
+        spec = _labelled_text_task(task)
+        dataset = load_data(data, task=task, text_column=text_column, label_column=label_column, seed=config.seed)
+        labels = label_names(dataset["train"])
+        teacher_model = _task_teacher(teacher_source.folder, teacher, spec, labels)
+        torch.manual_seed(config.seed)  # a head the teacher cannot give is drawn here, the same every run
+        student_model = load_task_model(student, spec, labels)
+        head = _copy_task_head(teacher_model, student_model, spec)
+        collate = collator(tokenizer, spec, max_length)
+    teacher_model.requires_grad_(False).eval()
+    student_model.train()
 
     if weights.relation:
         relation_heads = relation_heads or _relation_heads(t_shape, s_shape)
@@ -84,36 +102,46 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
                 s_qkv = hooks.enter_context(capture_qkv(getattr(model, "module", model), s_family,
                                                         range(len(mapping))))
             with torch.no_grad():
-                t = teacher_model(**batch, output_hidden_states=True)
-            s = model(**batch, output_hidden_states=True)
+                t = teacher_model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+            s = model(**batch, output_hidden_states=True)  # with labels, transformers adds the task loss
         mask = batch["attention_mask"]
         terms = {"hidden": hidden_loss(s.hidden_states, t.hidden_states, mapping, kind=hidden_kind, mask=mask)}
         if weights.relation:
             terms["relation"] = torch.stack([attention_relation_loss(s_qkv[i], t_qkv[j], relation_heads, mask)
                                              for i, j in enumerate(mapping)]).mean()
         if getattr(s, "logits", None) is not None and weights.kl:
-            terms["kl"] = logit_kl(s.logits, t.logits, temperature, mask=mask)
+            terms["kl"] = logit_kl(s.logits, t.logits, temperature, mask=mask if s.logits.dim() == 3 else None)
+        if "labels" in batch and weights.task:
+            terms["task"] = s.loss
         if weights.pooled:
             terms["pooled"] = pooled_cosine(s.hidden_states[-1], t.hidden_states[-1], mask)
         return combine(terms, weights)
 
     held_out = dataset["test"].select(range(min(EVAL_ROWS, len(dataset["test"]))))
 
-    def eval_fn(model):
+    def distill_loss(model):
         losses = [loss_fn(model, {k: v.to(next(model.parameters()).device) for k, v in
                                   collate([held_out[j] for j in range(i, min(i + 32, len(held_out)))]).items()})[0]
                   for i in range(0, len(held_out), 32)]
         loss = float(torch.stack(losses).mean())
         return {"distill_loss": loss, "score": -loss}
 
-    run = {"teacher": teacher, "student": str(student), "data": data, "weights": asdict(weights),
+    def eval_fn(model):
+        if task is None:
+            return distill_loss(model)
+        # The whole test split, as `reshape finetune` scores it, so the two compare.
+        return {**score(model, dataset["test"], collate, spec), "distill_loss": distill_loss(model)["distill_loss"]}
+
+    run = {"teacher": teacher, "student": str(student), "data": data, "task": task, "weights": asdict(weights),
            "relation_heads": relation_heads,
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config,
                     eval_fn=with_kappa(eval_fn, held_out, collate, log_kappa),
                     resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
-    result = {"teacher": teacher, "data": data, "layer_map": mapping, "weights": asdict(weights),
+    result = {"teacher": teacher, "data": data, "task": task, "layer_map": mapping, "weights": asdict(weights),
               "temperature": temperature, "config": asdict(config), **summary}
+    if task is not None:
+        result["head_from_teacher"] = head
     if is_main_process():
         student_model.save_pretrained(out)
         copy_extra_files(student, out)
@@ -121,6 +149,43 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
         if not keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
+
+
+def _labelled_text_task(name: str) -> Task:
+    spec = get_task(name)
+    if not (spec.labelled and spec.inputs != "image"):
+        raise fail("task", name, "has no labels for distillation to add a task loss for",
+                   "use --task seq-cls or token-cls, or leave --task out to distil on plain text")
+    return spec
+
+
+def _task_teacher(folder: Path, name: str, task: Task, labels: list[str]):
+    """The teacher with its fine-tuned head for `task`; a teacher without one would teach noise."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    head_class = task.auto_class.removeprefix("AutoModel")  # e.g. "ForSequenceClassification"
+    trained = any(a.endswith(head_class) for a in config.architectures or [])
+    if not trained or config.num_labels != len(labels):
+        has = f"a {config.num_labels}-label {task.name} head" if trained else f"no {task.name} head"
+        raise fail("teacher", name, f"has {has}, but the data has {len(labels)} labels",
+                   f"fine-tune the teacher on this data first: reshape finetune {name} --task {task.name} ...")
+    return load_task_model(folder, task)
+
+
+def _copy_task_head(teacher: torch.nn.Module, student: torch.nn.Module, task: Task) -> list[str]:
+    """Start the student's task head (the weights outside the shared backbone) from the teacher's,
+    unless the student was fine-tuned on the task itself; returns the copied weight names."""
+    if any(a.endswith(task.auto_class.removeprefix("AutoModel")) for a in student.config.architectures or []):
+        return []
+    backbone = f"{teacher.base_model_prefix}."
+    theirs, ours = teacher.state_dict(), student.state_dict()
+    copied = [k for k, v in theirs.items()
+              if not k.startswith(backbone) and k in ours and ours[k].shape == v.shape]
+    with torch.no_grad():
+        for key in copied:
+            ours[key].copy_(theirs[key])
+    return copied
 
 
 def _relation_heads(teacher, student) -> int:
