@@ -20,9 +20,14 @@ app = typer.Typer(help="Rebuild transformers with more attention heads and fewer
 out_console = Console()
 err_console = Console(stderr=True)
 
-Model = Annotated[str, typer.Argument(help="Hub id, local model folder, or preset alias (e.g. minilm, bert-base).")]
-Heads = Annotated[Optional[int], typer.Option(help="New number of attention heads.")]
-Depth = Annotated[Optional[int], typer.Option(help="New number of layers.")]
+Model = Annotated[str, typer.Argument(help="Hub id, local model folder, or preset alias (e.g. minilm, bert-base); "
+                                           "for convert also a timm architecture or package.module:function "
+                                           "(the torch.fx path).")]
+Heads = Annotated[Optional[str], typer.Option(
+    help="New number of attention heads; one per stage for hierarchical models, e.g. 6,12,24,48.")]
+Depth = Annotated[Optional[str], typer.Option(
+    help="New number of layers; one per stage for hierarchical models, e.g. 1,1,5,1.")]
+InnerHeads = Annotated[Optional[int], typer.Option(help="New heads of an inner attention (TNT's pixel attention).")]
 Keep = Annotated[Optional[str], typer.Option(help="Explicit layers to keep, e.g. 0,2,4,7,9,11.")]
 Select = Annotated[str, typer.Option(
     help="Layer selection: uniform (first and last kept), first, last, or importance (needs --calib).")]
@@ -39,6 +44,8 @@ Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be empty or absent).")]
+PushToHub = Annotated[Optional[str], typer.Option(
+    "--push-to-hub", metavar="OWNER/NAME", help="Then upload OUT to this Hub repo (see `reshape push`).")]
 
 
 @contextmanager
@@ -74,9 +81,16 @@ def _parse_indices(value: str | None, field: str) -> list[int] | None:
                    f"write e.g. --{field.replace('_', '-')} 0,2,4") from None
 
 
-def _plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force) -> dict:
+def _parse_count(value: str | None, field: str) -> int | list[int] | None:
+    """A number, or a comma-separated list of numbers (one per stage)."""
+    counts = _parse_indices(value, field)
+    return counts[0] if counts and len(counts) == 1 and "," not in value else counts
+
+
+def _plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force,
+                  inner_heads=None) -> dict:
     return dict(keep=_parse_indices(keep, "keep"), select=select, keep_head_dim=keep_head_dim, mlp=mlp, init=init,
-                head_split=head_split, allow_fewer_heads=allow_fewer_heads, force=force)
+                head_split=head_split, allow_fewer_heads=allow_fewer_heads, force=force, inner_heads=inner_heads)
 
 
 @app.command()
@@ -85,6 +99,7 @@ def convert(
     out: Out,
     heads: Heads = None,
     depth: Depth = None,
+    inner_heads: InnerHeads = None,
     keep: Keep = None,
     select: Select = "uniform",
     keep_head_dim: KeepHeadDim = False,
@@ -101,6 +116,7 @@ def convert(
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
     json_output: Json = False,
+    push_to_hub: PushToHub = None,
 ):
     """Rebuild MODEL with more heads and fewer layers into a standard folder at OUT."""
     _setup(quiet or json_output)
@@ -108,10 +124,10 @@ def convert(
         from . import convert as convert_model
         from .summary import table
 
-        recipe = convert_model(model, out, heads, depth, seed=seed, overwrite=overwrite, calib=calib,
+        recipe = convert_model(model, out, _parse_count(heads, "heads"), _parse_count(depth, "depth"), seed=seed, overwrite=overwrite, calib=calib,
                                trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
                                **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
-                                               allow_fewer_heads, force))
+                                               allow_fewer_heads, force, inner_heads))
     if json_output:
         print(json.dumps({"out": str(out), **recipe}, indent=2))
     elif not quiet:
@@ -125,6 +141,7 @@ def convert(
                  else "")
         out_console.print(f"Kept layers {recipe['plan']['keep']}{split}; saved "
                           f"{recipe['params']['saved_fraction']:.1%} of the parameters. Wrote {out}")
+    _push_to_hub(out, push_to_hub, quiet or json_output)
 
 
 @app.command()
@@ -132,6 +149,7 @@ def inspect(
     model: Model,
     heads: Heads = None,
     depth: Depth = None,
+    inner_heads: InnerHeads = None,
     keep: Keep = None,
     select: Select = "uniform",
     keep_head_dim: KeepHeadDim = False,
@@ -149,9 +167,10 @@ def inspect(
         from . import inspect as inspect_model
         from .summary import table
 
-        report = inspect_model(model, heads, depth, trust_remote_code=trust_remote_code,
+        report = inspect_model(model, _parse_count(heads, "heads"), _parse_count(depth, "depth"),
+                               trust_remote_code=trust_remote_code,
                                **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
-                                               allow_fewer_heads, force))
+                                               allow_fewer_heads, force, inner_heads))
     if json_output:
         print(json.dumps(report, indent=2))
         return
@@ -163,7 +182,7 @@ def inspect(
 
 
 Data = Annotated[str, typer.Option(help="Recipe name (rotten-tomatoes, hamlet, ...), a local file or folder, "
-                                          "or a Hub dataset id.")]
+                                          "or a Hub dataset id, with its config as ID:CONFIG (nyu-mll/glue:sst2).")]
 TextColumn = Annotated[Optional[str], typer.Option(
     help="Text column, or for token-cls the column of word lists (guessed when absent).")]
 LabelColumn = Annotated[Optional[str], typer.Option(
@@ -212,7 +231,7 @@ def finetune(
     steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
-    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False,
+    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
 ):
     """Fine-tune MODEL on a task; write the best checkpoint to OUT."""
     _setup(quiet or json_output)
@@ -225,6 +244,7 @@ def finetune(
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
     _print_result(result, json_output, quiet, f"Wrote {out}; best test")
+    _push_to_hub(out, push_to_hub, quiet or json_output)
 
 
 @app.command("eval")
@@ -270,7 +290,7 @@ def distill(
     steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
-    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False,
+    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
 ):
     """Distil the STUDENT from the TEACHER on text (or on a labelled task); write it to OUT."""
     _setup(quiet or json_output)
@@ -287,6 +307,56 @@ def distill(
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
     _print_result(result, json_output, quiet, f"Wrote {out}; best held-out")
+    _push_to_hub(out, push_to_hub, quiet or json_output)
+
+
+@app.command()
+def push(
+    out: Annotated[Path, typer.Argument(help="An output folder of convert, distill or finetune.")],
+    repo: Annotated[str, typer.Option(metavar="OWNER/NAME", help="The Hub model repo (created if absent).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to commit to (created if absent; default main).")]
+    = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="The commit message.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and the card that would be uploaded; "
+                                                            "upload nothing (no token needed).")] = False,
+    json_output: Json = False,
+):
+    """Upload OUT and its model card to the Hugging Face Hub in one commit (token: HF_TOKEN or `hf auth login`)."""
+    _setup(json_output)
+    with _user_errors():
+        from .hub import push as run
+
+        result = run(out, repo, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run)
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{out} -> {repo} ({result['revision']})")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for file in result["files"]:
+        table.add_row(file["path"], f"{file['size']:,}")
+    out_console.print(table)
+    if dry_run:
+        out_console.print(result["card"] or "(no README.md: the repo would have no model card)", markup=False,
+                          highlight=False)
+        out_console.print(f"Dry run: nothing uploaded; {len(result['files'])} files would go to {repo}.")
+    else:
+        out_console.print(f"Pushed {len(result['files'])} files to {repo}: {result['url']}")
+
+
+def _push_to_hub(out: Path, repo: str | None, quiet: bool) -> None:
+    """--push-to-hub: upload the folder a command just wrote (the first process only, under accelerate)."""
+    if not repo or os.environ.get("RANK", "0") != "0":
+        return
+    with _user_errors():
+        from .hub import push as run
+
+        result = run(out, repo)
+    if not quiet:
+        err_console.print(f"Pushed {out} to {repo}: {result['url']}", markup=False, highlight=False)
 
 
 @app.command()
@@ -332,8 +402,8 @@ def report(
     """Measure BASE and LEANER side by side: parameters, FLOPs, latency, memory, conditioning, quality."""
     _setup(quiet or json_output)
     with _user_errors():
-        from .report import figures
         from .report import report as run
+        from .report import terminal_table
 
         sizes = _parse_indices(batch_sizes, "batch_sizes")
         say = None if quiet or json_output else (lambda text: err_console.print(f"[dim]{text}…[/dim]"))
@@ -344,15 +414,7 @@ def report(
         return
     if quiet:
         return
-    from rich.table import Table
-
-    table = Table(title=f"{base} vs {leaner} ({result['device']}, {result['threads']} threads, "
-                        f"{result['seq_len']} tokens)")
-    for column in ("", "base", "leaner", "leaner / base"):
-        table.add_column(column, justify="left" if not column else "right")
-    for row in figures(result):
-        table.add_row(*row)
-    out_console.print(table)
+    out_console.print(terminal_table(result, base, leaner))
     for note in result["notes"]:
         out_console.print(f"note: {note}")
     if out:

@@ -30,7 +30,8 @@ def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, toke
         size, channels = config.image_size, config.num_channels
         key, size = "pixel_values", (size, size) if isinstance(size, int) else tuple(size)
     else:  # timm
-        channels, size, key = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size), "x"
+        embed = getattr(model, "patch_embed", None) or model.pixel_embed  # TNT embeds pixels
+        channels, size, key = embed.proj.in_channels, tuple(embed.img_size), "x"
     dtype = next(model.parameters()).dtype
     return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
 

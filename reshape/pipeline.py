@@ -16,20 +16,23 @@ from torch import nn
 
 from . import __version__
 from .errors import Problem, ReshapeError, fail
-from .families import ModelSpec, find_family
+from .families import FAMILIES, ModelSpec, find_family
 from .headsplit import attention_input_covariances
 from .importance import layer_scores, most_important
 from .inputs import random_inputs
-from .output import model_card, output_problems, staged
-from .plan import Plan, legal_heads, make_plan, rule_of_thumb, target_shape
-from .presets import preset_for
-from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files
+from .card import write_card
+from .output import output_problems, staged
+from .plan import Plan, legal_heads
+from .presets import load_presets, preset_for
+from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
+from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape, transfer_stages
 from .summary import count_params, describe
 from .transfer import load_into, transfer_state
 
 log = logging.getLogger("reshape")
 
-PLAN_OPTIONS = ("keep", "select", "keep_head_dim", "mlp", "init", "allow_fewer_heads", "force", "head_split")
+PLAN_OPTIONS = ("keep", "select", "keep_head_dim", "mlp", "init", "allow_fewer_heads", "force", "head_split",
+                "inner_heads")
 
 
 def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None, *, seed: int = 0,
@@ -42,6 +45,10 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     by real activations. With neither heads nor depth, the architecture's preset is used if one
     exists, else the paper's rule of thumb.
     """
+    if not any(f.claims(model) for f in FAMILIES):  # no adapter knows it: rewrite its traced graph
+        from .fx import leaner as fx_leaner
+
+        return fx_leaner(model, heads, depth, **options)
     spec = find_family(model).spec(model)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     plan = plan_for(spec, heads, depth, preset_for(name, name_or_path=name), **options)
@@ -60,14 +67,23 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
     if heads is None and depth is None and options.get("keep") is None:
         if preset:
             heads, depth = preset.heads, preset.depth
-            log.warning("reshape: no heads/depth given; using preset %r: %d heads, %d layers", preset.alias, heads, depth)
+            options["mlp"] = options.get("mlp") or preset.mlp
+            options["keep_head_dim"] = options.get("keep_head_dim") or preset.keep_head_dim
+            log.warning("reshape: no heads/depth given; using preset %r: %s heads, %s layers%s%s", preset.alias,
+                        heads, depth, f", MLP width {preset.mlp}" if preset.mlp else "",
+                        ", head dim kept" if preset.keep_head_dim else "")
         else:
-            heads, depth = rule_of_thumb(shape)
+            heads, depth = any_rule_of_thumb(shape)
             log.warning("reshape: no heads/depth given; using the rule of thumb (double the heads where the "
-                        "width allows, two thirds of the depth): %d heads, %d layers", heads, depth)
-    plan = make_plan(shape, family=family.name, heads=heads, depth=depth,
-                     can_widen_attention=family.can_widen_attention, can_split_aware=family.can_split_aware,
-                     **options)
+                        "width allows, two thirds of the depth): %s heads, %s layers", heads, depth)
+    refused = [Problem(option, options[option], reason, f"leave --{option.replace('_', '-')} out")
+               for option, reason in family.refuses.items() if options.get(option)]
+    if refused:
+        raise ReshapeError(refused)
+    inner = family.inner_shape(spec.config)
+    plan = any_plan(shape, family=family.name, heads=heads, depth=depth,
+                    can_widen_attention=family.can_widen_attention, can_split_aware=family.can_split_aware,
+                    **({"inner": inner} if inner else {}), **options)
     problem = family.config_problem(family.new_config(spec.config, shape, plan))
     if problem:
         legal = [h for h in legal_heads(shape, plan.head_mode == "keep-head-dim")
@@ -92,8 +108,11 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
         new = family.build(new_spec, empty=False).to(dtype)
     else:
         new = family.build(new_spec, empty=True)
-        state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan,
-                               input_covs)
+        if isinstance(plan, StagedPlan):
+            state = transfer_stages(model.state_dict(), family.stage_prefixes(model), family.weights, shape, plan)
+        else:
+            state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan,
+                                   input_covs)
         if not share_weights:
             state = {k: v.clone() for k, v in state.items()}
         load_into(new, state)
@@ -109,6 +128,11 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
     With select="importance", the kept layers are those with the highest Block Influence on `calib`
     (a data recipe, file or Hub dataset of text); the aware head split is weighted by it too."""
     source, out = str(source), Path(out)
+    from .fx import convert as fx_convert, fx_source
+
+    if (fx := fx_source(source)) is not None:  # a factory, or a timm model no adapter claims
+        return fx_convert(fx, out, heads, depth, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                          **options)
     writing = output_problems(out, overwrite)
     asking = []
     importance = options.get("select") == "importance"
@@ -148,7 +172,7 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             family.save(new, new_spec, tmp)
             recipe["copied_files"] = save_tokenizer_files(src, tmp)
             (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(recipe, family.library))
+            write_card(tmp, src.folder, name=out.name)
     return recipe
 
 
@@ -160,13 +184,18 @@ def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None
         spec, preset = find_family(source).spec(source), None
         model = source
     else:
-        src = open_source(source, trust_remote_code)
-        spec, preset = src.spec, src.preset
+        preset = load_presets().get(source)
+        if preset and not preset.local_folder() and not (Path(source) / "config.json").is_file():
+            spec = spec_of(preset.source_config())  # the preset records its architecture: no download
+        else:
+            src = open_source(source, trust_remote_code)
+            spec, preset = src.spec, src.preset
         model = spec.family.build(spec, empty=True)
     family = spec.family
     shape = family.shape(spec.config)
     report = {"family": family.name, "source": describe(shape, count_params(model, family))}
-    asked = [heads, depth, options.get("keep"), options.get("mlp"), options.get("keep_head_dim") or None]
+    asked = [heads, depth, options.get("keep"), options.get("mlp"), options.get("keep_head_dim") or None,
+             options.get("inner_heads")]
     if all(x is None for x in asked):
         return report
     if options.get("select") == "importance":  # which layers stay does not change the counts
@@ -175,7 +204,7 @@ def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None
     new_spec = ModelSpec(family, family.new_config(spec.config, shape, plan), spec.cls)
     new_model = family.build(new_spec, empty=True)
     report["plan"] = plan.to_dict()
-    report["result"] = describe(target_shape(shape, plan), count_params(new_model, family))
+    report["result"] = describe(result_shape(shape, plan), count_params(new_model, family))
     return report
 
 
@@ -192,7 +221,7 @@ def make_recipe(src: Source, plan: Plan, model: nn.Module, new: nn.Module) -> di
         "class": type(new).__name__,
         "plan": plan.to_dict(),
         "source_shape": shape.to_dict(),
-        "shape": target_shape(shape, plan).to_dict(),
+        "shape": result_shape(shape, plan).to_dict(),
         "params": {"source": before, "result": after,
                    "saved_fraction": round(1 - after["total"] / before["total"], 6)},
     }

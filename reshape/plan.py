@@ -53,6 +53,7 @@ class Plan:
     mlp: int | None = None  # new MLP width; None keeps it
     init: str = "transfer"
     head_split: str = "contiguous"  # how keep-width splits each head: see reshape/headsplit.py
+    inner_heads: int | None = None  # heads of a family's inner attention (TNT's pixel attention); None keeps them
 
     @property
     def depth(self) -> int:
@@ -136,6 +137,8 @@ def make_plan(
     can_widen_attention: bool = True,
     head_split: str | None = None,
     can_split_aware: bool = True,
+    inner_heads: int | None = None,
+    inner: Shape | None = None,
 ) -> Plan:
     """Validate a request against a model's shape; raise one ReshapeError listing every problem."""
     problems: list[Problem] = []
@@ -172,6 +175,22 @@ def make_plan(
             if head_dim < MIN_HEAD_DIM and not force:
                 bad("heads", heads, f"gives head dim {head_dim}, below the minimum {MIN_HEAD_DIM}",
                     "use fewer heads or pass --force")
+
+    if inner_heads is not None:  # re-read at the same width, like keep-width heads
+        if inner is None:
+            bad("inner_heads", inner_heads, f"applies to models with an inner attention, and {family} has none",
+                "leave --inner-heads out")
+        elif inner_heads < 1 or _head_problem(inner, inner_heads, False):
+            legal = [h for h in range(1, inner.attn_width + 1)
+                     if inner.attn_width % h == 0 and (h >= inner.heads or allow_fewer_heads)]
+            bad("inner_heads", inner_heads, f"does not divide the inner attention width {inner.attn_width}",
+                f"use one of {', '.join(map(str, legal))}")
+        elif inner_heads < inner.heads and not allow_fewer_heads:
+            bad("inner_heads", inner_heads, f"is fewer than the model's {inner.heads} inner heads",
+                "pass --allow-fewer-heads to merge heads")
+        elif inner.attn_width // inner_heads < MIN_HEAD_DIM and not force:
+            bad("inner_heads", inner_heads, f"gives inner head dim {inner.attn_width // inner_heads}, below the "
+                f"minimum {MIN_HEAD_DIM}", "use fewer inner heads or pass --force")
 
     keep_t: tuple[int, ...] | None = None
     if keep is not None:
@@ -225,7 +244,8 @@ def make_plan(
     if not splits_heads:
         head_split = "contiguous"  # nothing is split: the two are the same
     return Plan(heads=heads, keep=keep_t, head_mode=head_mode,
-                mlp=None if mlp == shape.mlp else mlp, init=init, head_split=head_split)
+                mlp=None if mlp == shape.mlp else mlp, init=init, head_split=head_split,
+                inner_heads=None if inner is None or inner_heads == inner.heads else inner_heads)
 
 
 def rule_of_thumb(shape: Shape) -> tuple[int, int]:

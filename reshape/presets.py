@@ -19,9 +19,24 @@ class Preset:
     heads: int
     depth: int
     source: str  # where the recommendation comes from
+    # The source architecture, enough to build its config offline (transformers: model_type and the
+    # config fields that differ from that type's defaults; timm: the architecture name), so every
+    # preset is checked against a real config without the Hub.
+    config: dict
+    mlp: int | None = None  # recommended MLP width (the paper halves it in some rows); None keeps it
+    keep_head_dim: bool = False  # the paper's second reading: head dim fixed, attention width grows
     offline_package: str | None = None  # a Python package that ships the weights, used when installed
     offline_path: str = ""
     gguf_file: str | None = None  # the offline copy is this GGUF file instead of a model folder
+
+    def source_config(self):
+        """The source's config built offline from `config`: a transformers config or a timm config dict."""
+        if self.family.startswith("timm"):
+            return {"architecture": self.config["architecture"], "model_args": {}}
+        from transformers import AutoConfig
+
+        fields = dict(self.config)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
     def local_folder(self) -> Path | None:
         """The folder of the offline package's copy, if that package is installed."""

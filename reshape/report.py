@@ -231,6 +231,19 @@ def markdown(result: dict) -> str:
     return "\n".join(text) + "\n"
 
 
+def terminal_table(result: dict, base_name: str, leaner_name: str):
+    """The figures as a rich table, titled with what was measured where."""
+    from rich.table import Table
+
+    table = Table(title=f"{base_name} vs {leaner_name} ({result['device']}, {result['threads']} threads, "
+                        f"{result['seq_len']} tokens)")
+    for column in ("", "base", "leaner", "leaner / base"):
+        table.add_column(column, justify="left" if not column else "right")
+    for row in figures(result):
+        table.add_row(*row)
+    return table
+
+
 def figures(result: dict) -> list[tuple[str, str, str, str]]:
     """(label, base, leaner, ratio) rows shared by the terminal table and the Markdown."""
     base, leaner, r = result["models"]["base"], result["models"]["leaner"], result["ratios"]

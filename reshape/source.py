@@ -8,6 +8,7 @@ family's own loader (safetensors, or `weights_only` pickles in transformers).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 @dataclass
 class Source:
     name: str  # what the user asked for
-    folder: Path
+    folder: Path | None  # None for a timm architecture name: a config without weights
     spec: ModelSpec
     preset: Preset | None
     trust_remote_code: bool = False
@@ -59,6 +60,9 @@ def open_source(name: str, trust_remote_code: bool = False) -> Source:
     elif path.exists():
         raise fail("model", name, "is not a model folder (it has no config.json)",
                    "point to a folder written by save_pretrained or timm's save_for_hf, or to a .gguf file")
+    elif is_timm_architecture(name):  # e.g. xcit_large_24_p16_224: its config, built without weights
+        return Source(name, None, spec_of({"architecture": name, "model_args": {}, "pretrained_cfg": None}),
+                      preset_for(name))
     else:
         hub_id = name
         folder = _download(name, name)
@@ -66,6 +70,24 @@ def open_source(name: str, trust_remote_code: bool = False) -> Source:
     preset = preset_for(name, folder)
     return Source(name, folder, spec, preset, trust_remote_code,
                   hub_id or (preset.hub_id if preset else None), gguf_file)
+
+
+def trainable_folder(name: str | Path) -> Path:
+    """The local folder of a model to train or score: a folder, a preset alias or a Hub id."""
+    source = open_source(str(name))
+    if source.gguf_file or source.folder is None:
+        raise fail("model", name, "is a GGUF file" if source.gguf_file else "is an architecture name without weights",
+                   f"convert it first (reshape convert {name} -o FOLDER writes a safetensors folder)")
+    return source.folder
+
+
+def is_timm_architecture(name: str) -> bool:
+    """A timm model name such as deit_tiny_patch16_224 (Hub ids have a slash; timm loads only if needed)."""
+    if "/" in name or importlib.util.find_spec("timm") is None:
+        return False
+    import timm
+
+    return timm.is_model(name)
 
 
 def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
@@ -80,10 +102,8 @@ def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
         args = dict(raw.get("model_args", {}))
         if "num_classes" in raw:
             args.setdefault("num_classes", raw["num_classes"])
-        config = {"architecture": raw["architecture"], "model_args": args,
-                  "pretrained_cfg": raw.get("pretrained_cfg")}
-        family = find_family(config)
-        return ModelSpec(family, config)
+        return spec_of({"architecture": raw["architecture"], "model_args": args,
+                        "pretrained_cfg": raw.get("pretrained_cfg")})
     import transformers
 
     try:
@@ -91,7 +111,17 @@ def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
     except (ValueError, KeyError) as e:
         raise fail("model", name, f"has a config transformers cannot read ({_first_line(e)})",
                    "check the model type, or upgrade transformers") from None
+    return spec_of(config)
+
+
+def spec_of(config) -> ModelSpec:
+    """The spec of a transformers config (its class from `architectures`, else the base model) or a
+    timm config dict."""
     family = find_family(config)
+    if isinstance(config, dict):
+        return ModelSpec(family, config)
+    import transformers
+
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     return ModelSpec(family, config, cls or MODEL_MAPPING[type(config)])
@@ -112,6 +142,10 @@ def read_gguf_spec(folder: Path, gguf_file: str) -> ModelSpec:
 def load_model(source: Source) -> nn.Module:
     """Load the source's weights with its family's own loader."""
     folder, spec = source.folder, source.spec
+    if folder is None:
+        raise fail("model", source.name, "is a timm architecture name, which has no weights to transfer",
+                   "save the model with timm's save_for_hf and pass its folder, or call reshape.leaner on "
+                   "the timm model")
     if source.gguf_file:
         # GGUF tensors are quantised; transformers dequantises them, to float32 as the rebuilt model keeps them.
         return spec.cls.from_pretrained(folder, gguf_file=source.gguf_file, dtype=torch.float32).eval()

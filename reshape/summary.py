@@ -47,14 +47,19 @@ def table(title: str, source: dict, result: dict | None = None) -> Table:
     for label, (group, key) in ROWS:
         before = source[group][key]
         if not result:
-            t.add_row(label, f"{before:,}")
+            t.add_row(label, cell(before))
             continue
         after = result[group][key]
-        if after == before:
+        if after == before or isinstance(after, list):  # per-stage lists: the values say it
             change = ""
         elif group == "params":
             change = f"{(after - before) / before:+.1%}"
         else:
             change = f"x{after / before:.3g}"
-        t.add_row(label, f"{before:,}", f"{after:,}", change)
+        t.add_row(label, cell(before), cell(after), change)
     return t
+
+
+def cell(value) -> str:
+    """A number, or one number per stage of a hierarchical model."""
+    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:,}"

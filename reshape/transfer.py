@@ -46,6 +46,10 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
             aware_split(layer, weights, shape, plan.heads, (input_covs or {}).get(old_index))
         if plan.mlp:
             _keep_neurons(layer, weights, plan.mlp)
+        if weights.per_head and plan.heads != shape.heads:
+            parents = torch.tensor(parent_heads(shape, plan))
+            for name in weights.per_head:
+                layer[name] = layer[name].index_select(0, parents)
         state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})
     return state
 
@@ -76,6 +80,15 @@ def head_sources(shape: Shape, new_heads: int) -> list[int]:
         (j // new_per_group) * old_per_group + (j % new_per_group) * old_per_group // new_per_group
         for j in range(new_heads)
     ]
+
+
+def parent_heads(shape: Shape, plan: Plan) -> list[int]:
+    """For each new head, the source head it comes from: the copied head when the head dim is kept,
+    else the source head that holds the new head's first channel."""
+    if plan.head_mode == "keep-head-dim":
+        return head_sources(shape, plan.heads)
+    new_dim = shape.attn_width // plan.heads
+    return [j * new_dim // shape.head_dim for j in range(plan.heads)]
 
 
 def _widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) -> None:

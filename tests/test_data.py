@@ -238,6 +238,25 @@ def test_sources_that_cannot_be_found_are_refused(tmp_path):
     assert text.endswith("or a recipe: rotten-tomatoes, rotten-tomatoes-full, hamlet, fashion-mnist")
 
 
+
+def test_a_hub_dataset_config_follows_a_colon(monkeypatch):
+    import reshape.train.data as data_module
+
+    asked = []
+
+    def fake_hub(path, name=None, split=None):  # stands in for the Hub: records what was asked for
+        asked.append((path, name, split))
+        rows = {"sentence": ["a fine film", "dull"], "label": [1, 0]}
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                     "validation": datasets.Dataset.from_dict(rows),
+                                     "test": datasets.Dataset.from_dict({**rows, "label": [-1, -1]})})
+
+    monkeypatch.setattr(data_module, "load_dataset", fake_hub)
+    data = load_data("nyu-mll/glue:sst2", task="seq-cls")
+    assert asked == [("nyu-mll/glue", "sst2", None)]
+    # GLUE's test split has no labels (-1): the validation split is held out instead.
+    assert data["test"]["text"] == ["a fine film", "dull"] and data["test"]["label"] == [1, 0]
+
 @pytest.mark.parametrize("kwargs,start", [
     ({"task": "token-cls"}, "tokens_column=None: reviews.csv has no column named tokens or words; pass the tokens"),
     ({"task": "translation"}, "task=translation: is not a task; use one of seq-cls"),

@@ -49,7 +49,7 @@ def test_finetune_learns_the_task_and_eval_agrees(folders, tmp_path):
                       label_column="positive", config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
     assert result["steps"] == 60 and result["test_examples"] == 24
     assert result["best"]["accuracy"] == 1.0  # one word decides the label: a tiny model learns it
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "finetune.json", "metrics.jsonl",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "finetune.json", "metrics.jsonl",
                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     scored = evaluate(out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive")
     assert scored["accuracy"] == result["best"]["accuracy"] and scored["examples"] == 24

@@ -1,6 +1,7 @@
 """The family registry: the first adapter that claims a model handles it.
 
-A later generic torch.fx path registers last, as the fallback for modules no adapter knows.
+A module no adapter claims goes to the generic torch.fx path (reshape/fx/), the fallback in
+`reshape.leaner` and `reshape.convert`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from ..errors import fail
 from .base import BlockWeights, Family, ModelSpec, Proj
 from .hf import FAMILIES as _HF_FAMILIES
 from .timm_vit import TIMM_VIT
+from .timm_davit import TIMM_DAVIT
+from .timm_tnt import TIMM_TNT
+from .timm_xcit import TIMM_XCIT
 
-FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT]
+FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_XCIT, TIMM_DAVIT, TIMM_TNT]
 
 
 def register(family: Family) -> None:

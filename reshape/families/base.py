@@ -31,6 +31,8 @@ class BlockWeights:
     attn_out: Proj
     mlp_in: tuple[Proj, ...]  # fc1, or gate and up for gated MLPs
     mlp_out: Proj
+    # Per-head parameters (leading axis = heads), e.g. XCiT's temperature: each new head takes its parent head's.
+    per_head: tuple[str, ...] = ()
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Family(ABC):
     can_widen_attention: bool  # can the saved config express attention width != model width?
     library: str  # "transformers" or "timm": what loads the saved folder
     can_split_aware: bool = True  # does the function-aware head split apply (no rotary positions)?
+    # Plan options the family cannot carry out, each with the reason (e.g. {"mlp": "..."}): refused by name.
+    refuses: dict[str, str] = {}
 
     @abstractmethod
     def claims(self, obj: Any) -> bool:
@@ -79,6 +83,11 @@ class Family(ABC):
     @abstractmethod
     def save(self, model: nn.Module, spec: ModelSpec, out: Path) -> None:
         """Write a folder that the family's own library loads: config.json and model.safetensors."""
+
+    def inner_shape(self, config: Any) -> Shape | None:
+        """The shape of a second attention inside each block with its own head count (TNT's pixel-level
+        attention; `--inner-heads`), or None."""
+        return None
 
     def config_problem(self, config: Any) -> str | None:
         """Why the family's own library would refuse this config when loading it, or None."""

@@ -1,4 +1,4 @@
-"""timm VisionTransformer family (vit_*, deit_*), rebuilt through `timm.create_model`.
+"""timm families, rebuilt through `timm.create_model`: the shared base, and VisionTransformer (vit_*, deit_*).
 
 timm is imported on first use: it costs seconds of start-up that users of other families should not pay.
 """
@@ -6,6 +6,9 @@ timm is imported on first use: it costs seconds of start-up that users of other 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import json
 from pathlib import Path
 
 from accelerate import init_empty_weights
@@ -16,18 +19,19 @@ from ..plan import Shape, target_shape
 from .base import BlockWeights, Family, ModelSpec, Proj
 
 
-class TimmViT(Family):
-    name = "timm-vit"
-    covers = "timm VisionTransformer (vit_*, deit_*)"
+@functools.lru_cache(maxsize=8)  # claims, shape and inspect all read the same config: build it once
+def _skeleton(architecture: str, model_args: str) -> nn.Module:
+    with init_empty_weights(include_buffers=False):
+        return TimmFamily._create({"architecture": architecture, "model_args": json.loads(model_args)})
+
+
+class TimmFamily(Family):
+    """A timm architecture, known by its name and model args ({"architecture", "model_args"}).
+    Subclasses name their model class and map the plan onto its model args."""
+
     library = "timm"
-    weights = BlockWeights(
-        attn_in=(Proj("attn.qkv", ("q", "k", "v")),),
-        attn_out=Proj("attn.proj"),
-        mlp_in=(Proj("mlp.fc1"),),
-        mlp_out=Proj("mlp.fc2"),
-    )
-    # VisionTransformer's model args have no attention head dim, so a saved config could not rebuild it.
-    can_widen_attention = False
+    model_class: str  # "module:Class" of the timm model class this family claims
+    embedding_names: tuple[str, ...] = ()  # attributes counted as embeddings
 
     def claims(self, obj) -> bool:
         if isinstance(obj, nn.Module) and not type(obj).__module__.startswith("timm."):
@@ -35,11 +39,11 @@ class TimmViT(Family):
         if not isinstance(obj, (nn.Module, dict)):
             return False
         import timm
-        from timm.models.vision_transformer import VisionTransformer
 
         if isinstance(obj, dict) and timm.is_model(obj.get("architecture", "")):
             obj = self._skeleton(obj)
-        return isinstance(obj, VisionTransformer)
+        module, name = self.model_class.split(":")
+        return isinstance(obj, getattr(importlib.import_module(module), name))
 
     def spec(self, model):
         from timm.models import get_model_args
@@ -52,25 +56,8 @@ class TimmViT(Family):
                   "pretrained_cfg": dict(model.pretrained_cfg)}
         return ModelSpec(self, config)
 
-    def shape(self, config) -> Shape:
-        model = self._skeleton(config)
-        attn = model.blocks[0].attn
-        return Shape(layers=len(model.blocks), heads=attn.num_heads, kv_heads=attn.num_heads,
-                     head_dim=attn.head_dim, hidden=model.embed_dim, mlp=model.blocks[0].mlp.fc1.out_features)
-
     def layers(self, model):
         return model.blocks
-
-    def new_config(self, config, shape, plan):
-        new = target_shape(shape, plan)
-        config = copy.deepcopy(config)
-        args = config["model_args"]
-        args.update(depth=new.layers, num_heads=new.heads)
-        if plan.mlp:
-            ratio = new.mlp / shape.hidden
-            # timm sizes fc1 as int(dim * mlp_ratio): nudge the ratio if float rounding would lose a neuron.
-            args["mlp_ratio"] = ratio if int(shape.hidden * ratio) == new.mlp else (new.mlp + 0.5) / shape.hidden
-        return config
 
     def build(self, spec, empty):
         if empty:
@@ -84,8 +71,7 @@ class TimmViT(Family):
         return model
 
     def embedding_modules(self, model):
-        names = ("patch_embed", "pos_embed", "cls_token", "reg_token")
-        return [x for x in (getattr(model, n, None) for n in names) if x is not None]
+        return [x for x in (getattr(model, n, None) for n in self.embedding_names) if x is not None]
 
     def save(self, model, spec, out: Path):
         from timm.models import save_for_hf
@@ -93,14 +79,56 @@ class TimmViT(Family):
         save_for_hf(model, out, safe_serialization=True)
 
     def _skeleton(self, config):
-        with init_empty_weights(include_buffers=False):
-            return self._create(config)
+        """A meta-device model of `config`, to read shapes from; shared, so callers must not change it."""
+        return _skeleton(config["architecture"], json.dumps(config["model_args"], sort_keys=True, default=str))
 
     @staticmethod
     def _create(config):
         import timm
 
         return timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+
+    @staticmethod
+    def _new_args(config, **args) -> dict:
+        """A copy of `config` with these model args replaced."""
+        config = copy.deepcopy(config)
+        config["model_args"].update(args)
+        return config
+
+
+def mlp_ratio(hidden: int, mlp: int) -> float:
+    """The mlp_ratio that makes timm's int(hidden * mlp_ratio) equal `mlp`, nudged where float rounding
+    would lose a neuron."""
+    ratio = mlp / hidden
+    return ratio if int(hidden * ratio) == mlp else (mlp + 0.5) / hidden
+
+
+class TimmViT(TimmFamily):
+    name = "timm-vit"
+    covers = "timm VisionTransformer (vit_*, deit_* including distilled DeiT)"
+    model_class = "timm.models.vision_transformer:VisionTransformer"  # DeiT's distilled model subclasses it
+    embedding_names = ("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token")
+    weights = BlockWeights(
+        attn_in=(Proj("attn.qkv", ("q", "k", "v")),),
+        attn_out=Proj("attn.proj"),
+        mlp_in=(Proj("mlp.fc1"),),
+        mlp_out=Proj("mlp.fc2"),
+    )
+    # VisionTransformer's model args have no attention head dim, so a saved config could not rebuild it.
+    can_widen_attention = False
+
+    def shape(self, config) -> Shape:
+        model = self._skeleton(config)
+        attn = model.blocks[0].attn
+        return Shape(layers=len(model.blocks), heads=attn.num_heads, kv_heads=attn.num_heads,
+                     head_dim=attn.head_dim, hidden=model.embed_dim, mlp=model.blocks[0].mlp.fc1.out_features)
+
+    def new_config(self, config, shape, plan):
+        new = target_shape(shape, plan)
+        args = dict(depth=new.layers, num_heads=new.heads)
+        if plan.mlp:
+            args["mlp_ratio"] = mlp_ratio(shape.hidden, new.mlp)
+        return self._new_args(config, **args)
 
 
 TIMM_VIT = TimmViT()

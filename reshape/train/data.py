@@ -53,6 +53,8 @@ def load_data(source: str, *, task: str, text_column: str | None = None, label_c
         raise fail("test_ratio", test_ratio, "must be between 0 and 1", "use e.g. 0.2 to hold out a fifth")
     # --text-column names the words column and --label-column the tags column of token-cls data.
     columns = {"text": text_column, "label": label_column, "image": image_column, "tokens": text_column}
+    if config is None and source not in RECIPES and ":" in source and not Path(source).exists():
+        source, config = source.split(":", 1)  # a Hub dataset and its config, e.g. nyu-mll/glue:sst2
     if source in RECIPES:
         return _recipe(source, task, columns | {"config": config, "split": split}, test_ratio, seed)
     data = _read(source, config, split)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..card import write_card
 from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..output import copy_extra_files, output_problems
@@ -146,6 +147,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
         student_model.save_pretrained(out)
         copy_extra_files(student, out)
         (out / "reshape.json").write_text(json.dumps({**(recipe or {}), "distillation": result}, indent=2) + "\n")
+        write_card(out, student)
         if not keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from ..card import write_card
 from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..source import load_model as load_source_model
-from ..source import open_source
+from ..source import open_source, trainable_folder
 from ..output import output_problems
 from .data import label_names, load_data, text_lengths
 from .losses import mean_pool
@@ -23,7 +25,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
              text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
              max_length: int = 128, lora: int | None = None, resume: bool = False, overwrite: bool = False,
              keep_checkpoints: bool = False, log_kappa: bool = False, progress: bool = False) -> dict:
-    """Fine-tune `model` (a folder or Hub id) on `data`; write the best model to `out` and return its metrics."""
+    """Fine-tune `model` (a folder, preset alias or Hub id) on `data`; write the best model to `out` and return its metrics."""
     out = Path(out)
     if not resume:
         problems = output_problems(out, overwrite)
@@ -35,9 +37,10 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
                         image_column=image_column, seed=config.seed)
     labels = label_names(dataset["train"]) if spec.labelled else None
-    processor = preprocessor(model, spec)
+    folder = trainable_folder(model)
+    processor = preprocessor(folder, spec)
     torch.manual_seed(config.seed)  # a new task head is drawn here: it must not depend on earlier work
-    net = load_model(model, spec, labels)
+    net = load_model(folder, spec, labels)
     if lora:
         net = _with_lora(net, lora, spec)
     collate = collator(processor, spec, max_length)
@@ -49,12 +52,14 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
                     lengths=text_lengths(dataset["train"]), progress=progress)
     if lora:
         net = net.merge_and_unload()  # plain weights again: OUT loads without peft
-    result = {"task": task, "data": data, "train_examples": len(dataset["train"]),
+    result = {"task": task, "data": data, "model": str(model), "lora": lora, "config": asdict(config),
+              "train_examples": len(dataset["train"]),
               "test_examples": len(test), **summary}
     if is_main_process():
         net.save_pretrained(out)
         processor.save_pretrained(out)
         (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_card(out, model)
         if not keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
@@ -72,13 +77,14 @@ def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None
     spec = get_task(task)
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
                         image_column=image_column, seed=seed)
+    folder = trainable_folder(model)
     torch.manual_seed(seed)  # a model without the task's head gets a fresh one: make it the same every time
-    net = load_model(model, spec)
+    net = load_model(folder, spec)
     classes = len(label_names(dataset["test"])) if spec.labelled else None
     if spec.labelled and net.config.num_labels != classes:
         raise fail("task", task, f"needs {classes} labels but the model has {net.config.num_labels}",
                    "fine-tune it on this data first (reshape finetune)")
-    return score(net, dataset["test"], collator(preprocessor(model, spec), spec, max_length), spec)
+    return score(net, dataset["test"], collator(preprocessor(folder, spec), spec, max_length), spec)
 
 
 @torch.no_grad()
@@ -89,7 +95,7 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, seed, batch
         raise fail("teacher", None, "is needed by --task embedding to compare sentence embeddings with",
                    "pass --teacher, e.g. the model this one was converted from")
     texts = load_data(data, task="embedding", text_column=text_column, seed=seed)["test"]["text"]
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(trainable_folder(model))
     student, reference = (load_source_model(open_source(str(m))) for m in (model, teacher))
     cosines = []
     for start in range(0, len(texts), batch_size):

@@ -71,7 +71,7 @@ def preprocessor(path, task: Task):
     try:
         return auto.from_pretrained(path)
     except (OSError, ValueError) as e:
-        kind = "an image processor" if task.inputs == "image" else "a tokenizer"
+        kind = "image processor" if task.inputs == "image" else "tokenizer"
         raise fail("model", path, f"has no {kind} for task {task.name} ({str(e).splitlines()[0][:120]})",
                    "use a folder written by reshape convert, or save the processor beside the model") from None
 

@@ -1,0 +1,101 @@
+"""The fx path's output folder and its reload.
+
+OUT holds model.safetensors (the rewritten module's state dict), code.py (the generated code of the
+top-level graph and of every rewritten block, to read, never executed) and reshape.json (how to build
+the source module, the plan, shapes, parameter counts). `load` builds the source module again — with
+its own initialisation, so buffers outside the state dict are right — replays the deterministic
+rewrite, and loads the safetensors strictly. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.fx as fx
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .. import __version__
+from ..errors import Problem, ReshapeError, fail
+from ..output import output_problems, staged
+from ..plan import Plan, target_shape
+from .rewrite import apply_plan, params, plan_fx
+from .source import build, recorded
+
+
+def code_of(gm: fx.GraphModule) -> str:
+    parts = [f"# {type(gm).__name__}: the top-level graph\n{gm.code}"]
+    for name, module in gm.named_modules():
+        if name and isinstance(module, fx.GraphModule):
+            parts.append(f"# {name}: a rewritten block\n{module.code}")
+    return "\n".join(parts)
+
+
+def recipe_of(source: dict, plan: Plan, shape, leaf_modules, model: nn.Module, new: fx.GraphModule) -> dict:
+    if not all(isinstance(x, str) for x in leaf_modules):
+        raise fail("leaf_modules", leaf_modules, "holds classes, which reshape.json cannot record",
+                   "name the leaf modules by their qualified names, e.g. ['blocks.0.attn']")
+    before, after = params(model), params(new)
+    new_shape = target_shape(shape, plan) if plan.heads else shape.__class__(**{**shape.to_dict(), "layers": plan.depth})
+    return {
+        "reshape_version": __version__,
+        "path": "fx",
+        "source": source.get("factory") or source.get("timm"),
+        "build": recorded(source),
+        "leaf_modules": list(leaf_modules),
+        "class": type(model).__name__,
+        "plan": plan.to_dict(),
+        "stack": new.meta["reshape"]["stack"],
+        "source_shape": shape.to_dict(),
+        "shape": new_shape.to_dict(),
+        "params": {"source": before, "result": after,
+                   "saved_fraction": round(1 - after["total"] / before["total"], 6)},
+    }
+
+
+def save(new: fx.GraphModule, recipe: dict, out: Path) -> None:
+    with staged(Path(out)) as tmp:
+        save_model(new, str(tmp / "model.safetensors"))  # shared (tied) tensors are stored once
+        (tmp / "code.py").write_text(code_of(new))
+        (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def convert(source: dict, out: str | Path, heads: int | None = None, depth: int | None = None, *,
+            overwrite: bool = False, trust_remote_code: bool = False, leaf_modules=(), **options) -> dict:
+    """Build the source, rewrite it, write OUT; return the recipe. Nothing is written on bad input."""
+    out = Path(out)
+    writing = output_problems(out, overwrite, Path(source["folder"]) if "folder" in source else None)
+    if options.get("select") == "importance":
+        writing.append(Problem("select", "importance", "needs calibration inputs, which the fx path cannot "
+                               "make for an arbitrary module", "use uniform, first, last or --keep"))
+    try:
+        model = build(source, trust_remote_code)
+        plan, shape = plan_fx(model, heads, depth, leaf_modules, name=source.get("factory") or source["timm"],
+                              **options)
+    except ReshapeError as e:
+        raise ReshapeError(writing + e.problems) from None
+    if writing:
+        raise ReshapeError(writing)
+    new = apply_plan(model, plan, leaf_modules)
+    recipe = recipe_of(source, plan, shape, leaf_modules, model, new)
+    save(new, recipe, out)
+    return recipe
+
+
+def load(out: str | Path, trust_remote_code: bool = False) -> fx.GraphModule:
+    """Rebuild a module that the fx path wrote to OUT, in eval mode."""
+    out = Path(out)
+    try:
+        recipe = json.loads((out / "reshape.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise fail("out", out, f"has no readable reshape.json ({type(e).__name__})",
+                   "point to a folder written by reshape convert") from None
+    if recipe.get("path") != "fx":
+        raise fail("out", out, "was not written by the fx path (its reshape.json has no \"path\": \"fx\")",
+                   "load it with transformers' from_pretrained or timm.create_model")
+    model = build(recipe["build"], trust_remote_code)
+    plan = Plan(**{k: (tuple(v) if k == "keep" else v) for k, v in recipe["plan"].items() if k != "depth"})
+    new = apply_plan(model, plan, recipe.get("leaf_modules", ()))
+    load_model(new, str(out / "model.safetensors"), strict=True)
+    return new.eval()

@@ -1,0 +1,148 @@
+"""The fx path in memory: trace, plan, drop blocks, re-head. Deterministic, so `load` can replay it."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import replace
+from types import SimpleNamespace
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import fail
+from ..plan import MIN_HEAD_DIM, Plan, Shape, make_plan
+from ..summary import count_params
+from .depth import keep_blocks
+from .heads import Site, Unsupported, check_heads, locate, reshape_heads
+from .stack import Stack, block_nodes, find_stack
+from .tracer import default_concrete_args, trace
+
+# What the fx path cannot do, with the fix: option -> (refused value test, reason, fix).
+REFUSED = {
+    "keep_head_dim": (lambda v: bool(v), "is not available on the fx path yet (it would need new Q/K/V/O "
+                      "rows in modules it does not own)", "drop --keep-head-dim to keep the width"),
+    "mlp": (lambda v: v is not None, "is not available on the fx path (it cannot tell MLP layers apart)",
+            "leave --mlp out"),
+    "init": (lambda v: v not in (None, "transfer"), "is not available on the fx path, which keeps the "
+             "source's weights", "use --init transfer"),
+    "inner_heads": (lambda v: v is not None, "is for TNT's inner attention, which the fx path does not "
+                    "locate", "leave --inner-heads out"),
+    "head_split": (lambda v: v not in (None, "contiguous"), "is not available on the fx path, which reads "
+                   "the same weights as more heads (contiguous)", "use --head-split contiguous or leave it out"),
+}
+KNOWN = ("keep", "select", "allow_fewer_heads", "force", *REFUSED)
+
+
+def check_options(options: dict) -> None:
+    unknown = set(options) - set(KNOWN)
+    if unknown:
+        raise TypeError(f"unknown fx options: {', '.join(sorted(unknown))} (known: {', '.join(KNOWN)})")
+    for key, (refused, reason, fix) in REFUSED.items():
+        if refused(options.get(key)):
+            raise fail(key, options[key], reason, fix)
+
+
+def trace_block(gm: fx.GraphModule, node: fx.Node, leaf_modules=(), rewire: bool = True) -> fx.GraphModule:
+    """Trace one block as it is called in `gm`: constant arguments at the call site (masks left out,
+    flags) are fixed. With `rewire`, the call then passes every argument positionally, as the block
+    graph takes them."""
+    block = gm.get_submodule(node.target)
+    sig = inspect.signature(block.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        raise fail("model", node.target, f"{type(block).__name__}.forward takes *args or **kwargs, which fx "
+                   "cannot re-trace at its call site", "give its forward named arguments, or leave heads out")
+    bound = sig.bind(*node.args, **node.kwargs)
+    concrete = {**default_concrete_args(block),
+                **{k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}}
+    concrete = {k: v for k, v in concrete.items() if not isinstance(bound.arguments.get(k), fx.Node)}
+    block_gm = trace(block, leaf_modules=leaf_modules, concrete_args=concrete, name=node.target)
+    if rewire:
+        node.args = tuple(bound.arguments.get(p.name, p.default) for p in sig.parameters.values())
+        node.kwargs = {}
+    return block_gm
+
+
+def find_attention(gm: fx.GraphModule, stack: Stack, leaf_modules=()) -> Site | str:
+    """The attention of the first block, or why it was not found."""
+    node = block_nodes(gm, stack)[0]
+    block_gm = trace_block(gm, node, leaf_modules, rewire=False)
+    try:
+        sites = locate(block_gm)
+    except Unsupported as e:
+        return f"its attention {e}"
+    if not sites:
+        return ("no attention was found in it (looked for nn.MultiheadAttention, F.scaled_dot_product_attention "
+                "and matmul -> softmax -> matmul)")
+    return check_heads(sites, node.target)
+
+
+def source_shape(stack: Stack, site: Site | None) -> Shape:
+    """The plan's view of the model. The fx path cannot tell the model and MLP widths, so hidden is the
+    attention width and mlp is 0; an attention that was not found reads as 0 heads."""
+    if site is None:
+        return Shape(layers=len(stack.names), heads=0, kv_heads=0, head_dim=0, hidden=0, mlp=0)
+    return Shape(layers=len(stack.names), heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim,
+                 hidden=site.width, mlp=0)
+
+
+def plan_fx(model: nn.Module, heads: int | None, depth: int | None, leaf_modules=(), name: str = "",
+            **options) -> tuple[Plan, Shape]:
+    """Validate a request against the traced model; return the plan and the source shape."""
+    check_options(options)
+    gm, stack = find_stack(model, leaf_modules, name)
+    try:
+        found = find_attention(gm, stack, leaf_modules)
+    except Exception:
+        if heads is not None:
+            raise
+        found = "it could not be traced"  # depth alone never looks inside a block
+    site = found if isinstance(found, Site) else None
+    if site is None and heads is not None:
+        raise fail("heads", heads, f"cannot be set: in block {stack.names[0]}, {found}",
+                   "leave heads out to change the depth only")
+    shape = source_shape(stack, site)
+    # Without a located attention, the plan checks the layers only (a stand-in head shape).
+    planned = shape if site else Shape(shape.layers, 1, 1, MIN_HEAD_DIM, MIN_HEAD_DIM, 0)
+    plan = make_plan(planned, family="fx", heads=heads, depth=depth, keep=options.get("keep"),
+                     select=options.get("select", "uniform"), allow_fewer_heads=options.get("allow_fewer_heads", False),
+                     force=options.get("force", False), can_split_aware=False)
+    if site is None:
+        plan = replace(plan, heads=0)  # unknown, and left as it is
+    return plan, shape
+
+
+def apply_plan(model: nn.Module, plan: Plan, leaf_modules=(), name: str = "") -> fx.GraphModule:
+    """Rewrite a copy of `model` by the plan: a GraphModule whose blocks are the kept ones, renumbered,
+    each re-headed (as its own GraphModule) when the head count changes."""
+    model = copy.deepcopy(model)
+    gm, stack = find_stack(model, leaf_modules, name)
+    heads_before = None
+    if plan.heads:
+        found = find_attention(gm, stack, leaf_modules)
+        heads_before = found.heads if isinstance(found, Site) else None
+    gm, stack = keep_blocks(gm, stack, plan.keep)
+    if heads_before is not None and plan.heads != heads_before:
+        for node in block_nodes(gm, stack):
+            block_gm = trace_block(gm, node, leaf_modules)
+            reshape_heads(block_gm, locate(block_gm), plan.heads)
+            container, _, index = node.target.rpartition(".")
+            setattr(gm.get_submodule(container) if container else gm, index, block_gm)
+        gm.graph.lint()
+        gm.recompile()
+    gm.meta["reshape"] = {"plan": plan.to_dict(), "stack": stack.container, "blocks": list(stack.names)}
+    return gm.train(model.training)
+
+
+def params(model: nn.Module) -> dict[str, int]:
+    """Parameter counts; embeddings are the nn.Embedding tables (tied weights counted once)."""
+    embeddings = SimpleNamespace(embedding_modules=lambda m: [x for x in m.modules() if isinstance(x, nn.Embedding)])
+    return count_params(model, embeddings)
+
+
+def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None, *, leaf_modules=(),
+           **options) -> fx.GraphModule:
+    """The fx path of `reshape.leaner`: a GraphModule with `depth` of the model's repeated blocks and
+    `heads` attention heads at the same width; `model` is untouched."""
+    plan, _ = plan_fx(model, heads, depth, leaf_modules, **options)
+    return apply_plan(model, plan, leaf_modules)
