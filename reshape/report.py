@@ -74,7 +74,7 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
             from .train.finetune import evaluate
 
             step(f"Evaluating: {name}")
-            entry["quality"] = evaluate(sources[name].folder, task=task, data=data)
+            entry["quality"] = evaluate(sources[name].name, task=task, data=data)
         result["models"][name] = entry
     step("Timing both models, alternating")
     for batch in batch_sizes:

@@ -24,8 +24,8 @@ from .output import copy_extra_files
 from .presets import Preset, load_presets, preset_for
 
 # What to fetch from a Hub repo: configs, safetensors weights, tokenizer/processor files,
-# and sentence-transformers pooling settings. Never code, never pickles.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*"]
+# sentence-transformers pooling settings, and the model card (its license is inherited). Never code, never pickles.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "README.md"]
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -72,13 +72,14 @@ def open_source(name: str, trust_remote_code: bool = False) -> Source:
                   hub_id or (preset.hub_id if preset else None), gguf_file)
 
 
-def trainable_folder(name: str | Path) -> Path:
-    """The local folder of a model to train or score: a folder, a preset alias or a Hub id."""
+def local_model(name: str | Path, gguf: bool = False) -> tuple[Path, str | None]:
+    """The local folder of a model to train or score (a folder, preset alias or Hub id), and its GGUF
+    file when it is one and `gguf` allows that (scoring reads GGUF; saving a trained copy cannot)."""
     source = open_source(str(name))
-    if source.gguf_file or source.folder is None:
+    if source.folder is None or (source.gguf_file and not gguf):
         raise fail("model", name, "is a GGUF file" if source.gguf_file else "is an architecture name without weights",
                    f"convert it first (reshape convert {name} -o FOLDER writes a safetensors folder)")
-    return source.folder
+    return source.folder, source.gguf_file
 
 
 def is_timm_architecture(name: str) -> bool:

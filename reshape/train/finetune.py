@@ -13,7 +13,7 @@ from ..card import write_card
 from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..source import load_model as load_source_model
-from ..source import open_source, trainable_folder
+from ..source import local_model, open_source
 from ..output import output_problems
 from .data import label_names, load_data, text_lengths
 from .losses import mean_pool
@@ -37,7 +37,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
                         image_column=image_column, seed=config.seed)
     labels = label_names(dataset["train"]) if spec.labelled else None
-    folder = trainable_folder(model)
+    folder, _ = local_model(model)
     processor = preprocessor(folder, spec)
     torch.manual_seed(config.seed)  # a new task head is drawn here: it must not depend on earlier work
     net = load_model(folder, spec, labels)
@@ -77,14 +77,14 @@ def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None
     spec = get_task(task)
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
                         image_column=image_column, seed=seed)
-    folder = trainable_folder(model)
+    folder, gguf_file = local_model(model, gguf=True)
     torch.manual_seed(seed)  # a model without the task's head gets a fresh one: make it the same every time
-    net = load_model(folder, spec)
+    net = load_model(folder, spec, gguf_file=gguf_file)
     classes = len(label_names(dataset["test"])) if spec.labelled else None
     if spec.labelled and net.config.num_labels != classes:
         raise fail("task", task, f"needs {classes} labels but the model has {net.config.num_labels}",
                    "fine-tune it on this data first (reshape finetune)")
-    return score(net, dataset["test"], collator(preprocessor(folder, spec), spec, max_length), spec)
+    return score(net, dataset["test"], collator(preprocessor(folder, spec, gguf_file), spec, max_length), spec)
 
 
 @torch.no_grad()
@@ -95,7 +95,8 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, seed, batch
         raise fail("teacher", None, "is needed by --task embedding to compare sentence embeddings with",
                    "pass --teacher, e.g. the model this one was converted from")
     texts = load_data(data, task="embedding", text_column=text_column, seed=seed)["test"]["text"]
-    tokenizer = AutoTokenizer.from_pretrained(trainable_folder(model))
+    folder, gguf_file = local_model(model, gguf=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     student, reference = (load_source_model(open_source(str(m))) for m in (model, teacher))
     cosines = []
     for start in range(0, len(texts), batch_size):

@@ -41,18 +41,20 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def load_model(path, task: Task, label_names: list[str] | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """The model at `path` with `task`'s head (a fresh head when the checkpoint has none)."""
+def load_model(path, task: Task, label_names: list[str] | None = None, trust_remote_code: bool = False,
+               gguf_file: str | None = None) -> nn.Module:
+    """The model at `path` (or its GGUF file) with `task`'s head (a fresh head when the checkpoint has none)."""
     import transformers
 
     if is_timm_folder(path):
         if task.name != "image-cls":
             raise fail("task", task.name, f"does not fit the timm image model at {path}", "use --task image-cls")
         return load_classifier(path, label_names if task.labelled else None)
-    kwargs = {}
+    # GGUF tensors are quantised; transformers dequantises them, to float32 as reshape computes.
+    kwargs = dict(gguf_file=gguf_file, dtype=torch.float32) if gguf_file else {}
     if task.labelled and label_names:
-        kwargs = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                      label2id={n: i for i, n in enumerate(label_names)})
+        kwargs |= dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                       label2id={n: i for i, n in enumerate(label_names)})
     try:
         return getattr(transformers, task.auto_class).from_pretrained(path, trust_remote_code=trust_remote_code,
                                                                      **kwargs)
@@ -61,15 +63,15 @@ def load_model(path, task: Task, label_names: list[str] | None = None, trust_rem
                    "choose a task this model supports") from None
 
 
-def preprocessor(path, task: Task):
-    """The tokenizer, or for images the image processor, saved with the model at `path`."""
+def preprocessor(path, task: Task, gguf_file: str | None = None):
+    """The tokenizer, or for images the image processor, saved with the model at `path` (or in its GGUF file)."""
     import transformers
 
     if task.inputs == "image" and is_timm_folder(path):
         return TimmProcessor(path)
     auto = transformers.AutoImageProcessor if task.inputs == "image" else transformers.AutoTokenizer
     try:
-        return auto.from_pretrained(path)
+        return auto.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:
         kind = "image processor" if task.inputs == "image" else "tokenizer"
         raise fail("model", path, f"has no {kind} for task {task.name} ({str(e).splitlines()[0][:120]})",
