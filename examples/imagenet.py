@@ -21,7 +21,7 @@ from rich.console import Console
 
 import reshape
 from fashion_mnist_scratch import baseline as tiny_vit  # the script's folder is on sys.path
-from reshape.report import terminal_table
+from reshape.report import show
 from reshape.train.finetune import finetune
 from reshape.train.loop import TrainConfig
 
@@ -55,9 +55,7 @@ def main() -> None:
     result = reshape.report(work / "baseline", work / "leaner", data=data, task="image-cls", out=work / "report",
                             overwrite=True, **({"batch_sizes": (1,), "repeats": 2, "kappa": False}
                                                if args.smoke else {}))
-    console.print(terminal_table(result, f"{model} fine-tuned", "leaner"))
-    for note in result["notes"]:
-        console.print(f"note: {note}")
+    show(result, f"{model} fine-tuned", "leaner", console)
     console.print(f"Wrote {work}/baseline, {work}/leaner and {work}/report")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 import reshape
-from reshape.report import terminal_table
+from reshape.report import show
 from reshape.train.distill import distill
 from reshape.train.loop import TrainConfig
 
@@ -47,9 +47,7 @@ def main() -> None:
     result = reshape.report(model, work / "leaner", data=data, task="causal-lm", out=work / "report", overwrite=True,
                             **({"batch_sizes": (1,), "seq_len": 32, "repeats": 2, "kappa": False}
                                if args.smoke else {}))
-    console.print(terminal_table(result, model, "leaner"))
-    for note in result["notes"]:
-        console.print(f"note: {note}")
+    show(result, model, "leaner", console)
     console.print(f"Wrote {work}/leaner and {work}/report")
 
 

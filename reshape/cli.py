@@ -403,7 +403,7 @@ def report(
     _setup(quiet or json_output)
     with _user_errors():
         from .report import report as run
-        from .report import terminal_table
+        from .report import show
 
         sizes = _parse_indices(batch_sizes, "batch_sizes")
         say = None if quiet or json_output else (lambda text: err_console.print(f"[dim]{text}…[/dim]"))
@@ -414,9 +414,7 @@ def report(
         return
     if quiet:
         return
-    out_console.print(terminal_table(result, base, leaner))
-    for note in result["notes"]:
-        out_console.print(f"note: {note}")
+    show(result, base, leaner, out_console)
     if out:
         out_console.print(f"Wrote {out}/report.json, report.md and plots")
 

@@ -86,6 +86,11 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
     if out:
         with staged(Path(out)) as tmp:
             write(result, tmp)
+        owner = Path(out).resolve().parent
+        if Path(out).name == "report" and (owner / "reshape.json").is_file():  # LEANER/report: the card shows it
+            from .card import write_card
+
+            write_card(owner)
     return result
 
 
@@ -231,8 +236,14 @@ def markdown(result: dict) -> str:
     return "\n".join(text) + "\n"
 
 
+def show(result: dict, base_name: str, leaner_name: str, console) -> None:
+    """Print the figures as a rich table, titled with what was measured where, and the notes."""
+    console.print(terminal_table(result, base_name, leaner_name))
+    for note in result["notes"]:
+        console.print(f"note: {note}")
+
+
 def terminal_table(result: dict, base_name: str, leaner_name: str):
-    """The figures as a rich table, titled with what was measured where."""
     from rich.table import Table
 
     table = Table(title=f"{base_name} vs {leaner_name} ({result['device']}, {result['threads']} threads, "

@@ -97,6 +97,15 @@ def test_report_files_schema_and_ratios(pair, tmp_path):
     assert "| FLOPs per sample |" in (tmp_path / "report" / "report.md").read_text()
 
 
+
+def test_a_report_inside_the_leaner_folder_joins_its_model_card(pair, tmp_path):
+    import shutil
+
+    leaner = shutil.copytree(pair / "leaner", tmp_path / "leaner")
+    assert "| FLOPs per sample |" not in (leaner / "README.md").read_text()
+    reshape.report(pair / "base", leaner, batch_sizes=(1,), seq_len=8, repeats=1, kappa=False, out=leaner / "report")
+    assert "| FLOPs per sample |" in (leaner / "README.md").read_text()
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(seq_len=64), "seq_len=64: exceeds the 16 positions the models take; use at most 16"),
     (dict(data="rotten-tomatoes"), "task=None: is needed with --data"),
