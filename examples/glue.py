@@ -7,7 +7,8 @@ Steps: convert MODEL (heads and depth from its preset unless given) -> distil th
 task's text -> fine-tune the baseline on the task -> task-distil the leaner model from that fine-tuned
 baseline with the same budget -> report both side by side (parameters, FLOPs, latency, memory, accuracy).
 Single-sentence GLUE tasks only (sst2, cola): reshape's text tasks read one text column. The smoke mode
-runs the same steps on MiniLM and the offline Rotten Tomatoes reviews, a few optimizer steps each.
+runs the same steps on MiniLM and 300 of the offline Rotten Tomatoes reviews (written to a CSV file,
+so the local-file path is exercised too), two optimizer steps each.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ GLUE_TASKS = {"sst2": "nyu-mll/glue:sst2", "cola": "nyu-mll/glue:cola"}
 console = Console()
 
 
+def smoke_reviews(file: Path, rows: int = 300) -> str:
+    """The first `rows` Rotten Tomatoes training reviews as a CSV (text, label): a task small enough to smoke-test."""
+    from reshape.train.data import load_data
+
+    reviews = load_data("rotten-tomatoes", task="seq-cls")["train"].select(range(rows))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    reviews.to_pandas().assign(label=lambda df: df["label"].map(reviews.features["label"].int2str)).to_csv(
+        file, index=False)
+    return str(file)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bert-base", help="preset alias, folder or Hub id")
@@ -37,9 +49,9 @@ def main() -> None:
     parser.add_argument("-o", "--out", type=Path, default=Path("glue-run"))
     parser.add_argument("--smoke", action="store_true", help="MiniLM on Rotten Tomatoes, 2 steps per stage")
     args = parser.parse_args()
-    model, data = ("minilm", "rotten-tomatoes") if args.smoke else (args.model, GLUE_TASKS[args.task])
-    budget = TrainConfig(max_steps=2 if args.smoke else args.steps, batch_size=8 if args.smoke else 32, lr=5e-5)
     work = args.out
+    model, data = ("minilm", smoke_reviews(work / "reviews.csv")) if args.smoke else (args.model, GLUE_TASKS[args.task])
+    budget = TrainConfig(max_steps=2 if args.smoke else args.steps, batch_size=8 if args.smoke else 32, lr=5e-5)
 
     console.rule(f"1/5 convert {model}")
     reshape.convert(model, work / "converted", heads=args.heads, depth=args.depth, calib=data, overwrite=True)

@@ -9,7 +9,8 @@ the paper: 24 heads, 8 layers, MLP 3072 -> 1536) -> fine-tune the baseline and t
 with the same budget -> report both side by side, with held-out accuracy. Images are recovered by
 fine-tuning only: `reshape distill` reads text. ImageNet-1k on the Hub is gated: log in first. The smoke
 mode builds the randomly initialised 12 x 3 ViT of examples/fashion_mnist_scratch.py (no pretrained
-ViT installs offline) and runs the same steps, two optimizer steps each.
+ViT installs offline) and runs the same steps, two optimizer steps each, on an image folder of 300
+Fashion-MNIST images (written as PNG files in class subfolders, as an ImageNet folder is laid out).
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ from reshape.train.loop import TrainConfig
 console = Console()
 
 
+def smoke_images(folder: Path, per_split: dict[str, int] = {"train": 200, "test": 100}) -> str:
+    """Fashion-MNIST images as folder/{train,test}/{class}/{i}.png: a small image folder to smoke-test with."""
+    from reshape.train.data import load_data
+
+    data = load_data("fashion-mnist", task="image-cls")
+    names = data["train"].features["label"].names
+    for split, rows in per_split.items():
+        for i, row in enumerate(data[split].select(range(rows))):
+            target = folder / split / names[row["label"]].replace("/", "-")
+            target.mkdir(parents=True, exist_ok=True)
+            row["image"].save(target / f"{i}.png")
+    return str(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit-base", help="preset alias, timm folder or Hub id")
@@ -40,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.out
     if args.smoke:
-        model, data, heads, depth = work / "tiny-vit-12x3", "fashion-mnist", 12, 6
+        model, data, heads, depth = work / "tiny-vit-12x3", smoke_images(work / "images"), 12, 6
         tiny_vit(model, width=96)
     else:
         model, data, heads, depth = args.model, args.data, args.heads, args.depth

@@ -52,6 +52,8 @@ def build_card(folder: str | Path, source: str | Path | None = None, name: str |
     source_folder, source_hub_id = _resolve(source)
     recipe = _json(folder / "reshape.json") or (_json(source_folder / "reshape.json") if source_folder else None)
     distilled = (recipe or {}).get("distillation")
+    if recipe and "plan" not in recipe:  # distilled with --layer-map from a model reshape did not convert
+        recipe = None
     config = _json(folder / "config.json") or {}
     timm = "architecture" in config
     source_meta = _metadata(source_folder) or _metadata(folder)  # a card being rebuilt keeps what it inherited

@@ -51,7 +51,9 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
     models = {}
     for name, src in sources.items():
         step(f"Loading {name}: {src.name}")
-        models[name] = load_model(src).float().eval()
+        model = load_model(src).eval()
+        # Measure in float32; GGUF sources already load as float32 (and transformers refuses .float() on them).
+        models[name] = model if next(model.parameters()).dtype == torch.float32 else model.float()
     limit = min(filter(None, (max_tokens(m) for m in models.values())), default=None)
     if limit and seq_len > limit:
         raise fail("seq_len", seq_len, f"exceeds the {limit} positions the models take", f"use at most {limit}")
