@@ -21,6 +21,7 @@ from .errors import Problem, ReshapeError, fail
 from .inputs import max_tokens, random_inputs
 from .output import output_problems, staged
 from .source import load_model, open_source
+from .stages import refuse_stages
 from .summary import count_params
 
 SCHEMA = 1  # bumped whenever a key of report.json changes meaning
@@ -48,6 +49,7 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
         raise fail("leaner", leaner, f"is a {families['leaner'].name} model but the base is {families['base'].name}",
                    "compare a model with the one it was converted from")
     family = families["base"]
+    refuse_stages(family, "base", base, "report")
     models = {}
     for name, src in sources.items():
         step(f"Loading {name}: {src.name}")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from .errors import Problem, ReshapeError
+from .errors import Problem, ReshapeError, fail
 from .families.base import BlockWeights  # not the registry: the DaViT adapter imports this module
 from .plan import Plan, Shape, make_plan, rule_of_thumb, target_shape
 
@@ -146,3 +146,10 @@ def _cut_longest(depths: list[int]) -> list[int]:
 
 def _csv(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def refuse_stages(family, field: str, value, command: str) -> None:
+    """`report` and `distill` follow one block stack; a model with several stages is refused by name."""
+    if hasattr(family, "stage_prefixes"):
+        raise fail(field, value, f"is a {family.name} model with several stages, and reshape {command} follows "
+                   "one block stack", "use reshape inspect, convert and finetune for it")

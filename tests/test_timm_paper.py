@@ -215,6 +215,9 @@ def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder(tmp_path):
     assert recipe["params"]["result"]["total"] == params(reloaded)
     assert torch.equal(run(reloaded), run(kept_by_hand(model, [[0], [0], [0, 2], [0]])))
     assert json.loads((tmp_path / "out" / "reshape.json").read_text())["family"] == "timm-davit"
+    with pytest.raises(ReshapeError, match=r"base=.*src: is a timm-davit model with several stages, and reshape "
+                                           r"report follows one block stack; use reshape inspect"):
+        reshape.report(tmp_path / "src", tmp_path / "out")
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..output import copy_extra_files, output_problems
 from ..source import load_model, open_source
+from ..stages import refuse_stages
 from .data import label_names, load_data, text_lengths
 from .losses import (DistillWeights, attention_relation_loss, capture_qkv, combine, hidden_loss, layer_map, logit_kl,
                      pooled_cosine)
@@ -59,6 +60,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     if t_family is not s_family:
         raise fail("student", student, f"is a {s_family.name} model but the teacher is {t_family.name}",
                    "distil a student converted from this teacher")
+    refuse_stages(t_family, "teacher", teacher, "distill")
     t_vocab = getattr(teacher_source.spec.config, "vocab_size", None)
     s_vocab = getattr(student_source.spec.config, "vocab_size", None)
     if t_vocab != s_vocab:
