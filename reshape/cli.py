@@ -349,7 +349,11 @@ def push(
 
 def _push_to_hub(out: Path, repo: str | None, quiet: bool) -> None:
     """--push-to-hub: upload the folder a command just wrote (the first process only, under accelerate)."""
-    if not repo or os.environ.get("RANK", "0") != "0":
+    if not repo:
+        return
+    from .train.loop import is_main_process
+
+    if not is_main_process():
         return
     with _user_errors():
         from .hub import push as run

@@ -143,6 +143,12 @@ def test_task_distillation_needs_a_fine_tuned_teacher(folders, tmp_path):
         distill(folders / "teacher", folders / "student", tmp_path / "out", task="masked-lm",
                 data=str(folders / "text.txt"))
     assert not (tmp_path / "out").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("the user's")
+    with pytest.raises(ReshapeError, match="fine-tune the teacher on this data first"):
+        distill(folders / "teacher", folders / "student", tmp_path / "old", task="seq-cls", overwrite=True,
+                data=str(folders / "reviews.csv"), label_column="positive")
+    assert (tmp_path / "old" / "keep.txt").read_text() == "the user's"  # refused: --overwrite deleted nothing
 
 
 def test_distill_needs_a_layer_map_without_reshape_json(folders, tmp_path):

@@ -71,8 +71,6 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     t_shape, s_shape = (f.shape(src.spec.config) for f, src in ((t_family, teacher_source),
                                                                 (s_family, student_source)))
     mapping = layer_map(recipe, t_shape.layers, s_shape.layers, explicit_map)
-    if overwrite and not resume:
-        shutil.rmtree(out, ignore_errors=True)
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     if task is None:
@@ -86,7 +84,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
         spec = _labelled_text_task(task)
         dataset = load_data(data, task=task, text_column=text_column, label_column=label_column, seed=config.seed)
         labels = label_names(dataset["train"])
-        teacher_model = _task_teacher(teacher_source.folder, teacher, spec, labels)
+        teacher_model = _task_teacher(teacher_source, spec, labels)
         torch.manual_seed(config.seed)  # a head the teacher cannot give is drawn here, the same every run
         student_model = load_task_model(student, spec, labels)
         head = _copy_task_head(teacher_model, student_model, spec)
@@ -138,6 +136,8 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     run = {"teacher": teacher, "student": str(student), "data": data, "task": task, "weights": asdict(weights),
            "relation_heads": relation_heads,
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
+    if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
+        shutil.rmtree(out, ignore_errors=True)
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config,
                     eval_fn=with_kappa(eval_fn, held_out, collate, log_kappa),
                     resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
@@ -163,24 +163,21 @@ def _labelled_text_task(name: str) -> Task:
     return spec
 
 
-def _task_teacher(folder: Path, name: str, task: Task, labels: list[str]):
+def _task_teacher(source, task: Task, labels: list[str]):
     """The teacher with its fine-tuned head for `task`; a teacher without one would teach noise."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(folder)
-    head_class = task.auto_class.removeprefix("AutoModel")  # e.g. "ForSequenceClassification"
-    trained = any(a.endswith(head_class) for a in config.architectures or [])
+    config = source.spec.config
+    trained = _has_head(config, task)
     if not trained or config.num_labels != len(labels):
         has = f"a {config.num_labels}-label {task.name} head" if trained else f"no {task.name} head"
-        raise fail("teacher", name, f"has {has}, but the data has {len(labels)} labels",
-                   f"fine-tune the teacher on this data first: reshape finetune {name} --task {task.name} ...")
-    return load_task_model(folder, task)
+        raise fail("teacher", source.name, f"has {has}, but the data has {len(labels)} labels",
+                   f"fine-tune the teacher on this data first: reshape finetune {source.name} --task {task.name} ...")
+    return load_task_model(source.folder, task)
 
 
 def _copy_task_head(teacher: torch.nn.Module, student: torch.nn.Module, task: Task) -> list[str]:
     """Start the student's task head (the weights outside the shared backbone) from the teacher's,
     unless the student was fine-tuned on the task itself; returns the copied weight names."""
-    if any(a.endswith(task.auto_class.removeprefix("AutoModel")) for a in student.config.architectures or []):
+    if _has_head(student.config, task):
         return []
     backbone = f"{teacher.base_model_prefix}."
     theirs, ours = teacher.state_dict(), student.state_dict()
@@ -190,6 +187,11 @@ def _copy_task_head(teacher: torch.nn.Module, student: torch.nn.Module, task: Ta
         for key in copied:
             ours[key].copy_(theirs[key])
     return copied
+
+
+def _has_head(config, task: Task) -> bool:
+    """Whether the checkpoint was saved with `task`'s head (e.g. a ...ForSequenceClassification class)."""
+    return any(a.endswith(task.auto_class.removeprefix("AutoModel")) for a in config.architectures or [])
 
 
 def _relation_heads(teacher, student) -> int:

@@ -31,8 +31,6 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
         problems = output_problems(out, overwrite)
         if problems:
             raise ReshapeError(problems)
-        if overwrite:
-            shutil.rmtree(out, ignore_errors=True)
     spec = get_task(task)
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
                         image_column=image_column, seed=config.seed)
@@ -46,6 +44,8 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     collate = collator(processor, spec, max_length)
     test = dataset["test"]
     run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora}
+    if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
+        shutil.rmtree(out, ignore_errors=True)
     summary = train(net, lambda m, batch: (m(**batch).loss, {}), dataset["train"], collate, out, config,
                     eval_fn=with_kappa(lambda m: score(m, test, collate, spec), test, collate, log_kappa),
                     resume=resume, run=run,
