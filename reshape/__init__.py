@@ -2,8 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .pipeline import convert, inspect, leaner  # noqa: E402
-from .fx import load  # noqa: E402
+from .pipeline import convert, inspect, leaner, load  # noqa: E402
 from .hub import push  # noqa: E402
 from .report import report  # noqa: E402
 from .errors import Problem, ReshapeError  # noqa: E402

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .families.timm_xcit import WIDE_KEY
 from .summary import cell
 
 PAPER = '"Leaner Transformers: More Heads, Less Depth" (Saratchandran, Teney, Lucey; arXiv 2505.20802)'
@@ -236,6 +237,10 @@ def _training(run: dict) -> list[str]:
 
 
 def _loading(name: str, config: dict, timm: bool) -> list[str]:
+    if WIDE_KEY in config:  # only reshape builds its wider XCiT attention
+        code = ["import reshape", "", f'model = reshape.load("{name}")  # this folder']
+        return ["## Loading (needs reshape)", "", f"Its attention is wider than timm's XCiT builds ({WIDE_KEY} "
+                "in config.json), so it loads through reshape:", "", "```python", *code, "```", ""]
     if timm:
         code = ["import timm", "", f'model = timm.create_model("local-dir:{name}", pretrained=True)  # this folder',
                 '# from the Hub: timm.create_model("hf-hub:OWNER/NAME", pretrained=True)']

@@ -7,11 +7,13 @@ Authorization header that huggingface_hub sends; it is never printed, logged or 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 from .errors import fail
+from .families.timm_xcit import WIDE_KEY
 
 # Training leftovers that stay local: checkpoints (optimizer state) and the step-by-step log.
 LEFTOVERS = ("checkpoints", "metrics.jsonl")
@@ -70,6 +72,10 @@ def check_loads(folder: Path) -> None:
     """Load the folder as a user would, with plain transformers or timm (no reshape, no remote code)."""
     from .train.timm_task import is_timm_folder
 
+    if is_timm_folder(folder) and WIDE_KEY in json.loads((folder / "config.json").read_text()):
+        raise fail("folder", folder, f"needs reshape to load ({WIDE_KEY} in config.json: an XCiT attention wider "
+                   "than timm builds), so Hub users could not load it with timm",
+                   "convert without --keep-head-dim to push a folder plain timm loads")
     try:
         if is_timm_folder(folder):
             import timm

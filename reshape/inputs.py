@@ -31,7 +31,8 @@ def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, toke
         key, size = "pixel_values", (size, size) if isinstance(size, int) else tuple(size)
     else:  # timm
         embed = getattr(model, "patch_embed", None) or model.pixel_embed  # TNT embeds pixels
-        channels, size, key = embed.proj.in_channels, tuple(embed.img_size), "x"
+        conv = next(m for m in embed.modules() if isinstance(m, nn.Conv2d))  # XCiT's embedding is a conv stack
+        channels, size, key = conv.in_channels, tuple(embed.img_size), "x"
     dtype = next(model.parameters()).dtype
     return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
 

@@ -208,6 +208,18 @@ def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None
     return report
 
 
+def load(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """A model folder that reshape wrote, in eval mode. A torch.fx folder (no config.json) is rebuilt by
+    replaying its rewrite; any other loads through its family's loader, which an XCiT converted with
+    --keep-head-dim needs (the rest also load with plain transformers or timm)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        from .fx import load as fx_load
+
+        return fx_load(folder, trust_remote_code)
+    return load_model(open_source(str(folder), trust_remote_code)).eval()
+
+
 def make_recipe(src: Source, plan: Plan, model: nn.Module, new: nn.Module) -> dict:
     """reshape.json: everything needed to know how the folder was made."""
     family = src.spec.family

@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 
 from .errors import fail
 from .families import ModelSpec, find_family
+from .families.timm_xcit import WIDE_KEY
 from .output import copy_extra_files
 from .presets import Preset, load_presets, preset_for
 
@@ -103,8 +104,10 @@ def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
         args = dict(raw.get("model_args", {}))
         if "num_classes" in raw:
             args.setdefault("num_classes", raw["num_classes"])
-        return spec_of({"architecture": raw["architecture"], "model_args": args,
-                        "pretrained_cfg": raw.get("pretrained_cfg")})
+        config = {"architecture": raw["architecture"], "model_args": args, "pretrained_cfg": raw.get("pretrained_cfg")}
+        if WIDE_KEY in raw:  # reshape's own key: an XCiT attention wider than the model (keep-head-dim)
+            config[WIDE_KEY] = raw[WIDE_KEY]
+        return spec_of(config)
     import transformers
 
     try:
@@ -155,15 +158,33 @@ def load_model(source: Source) -> nn.Module:
                    "re-download the model, or save it with save_pretrained")
     try:
         if spec.family.library == "timm":
-            import timm
-
-            model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+            model = load_timm_folder(folder)
         else:
             model = spec.cls.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
     except Exception as e:  # any loader failure means the files are unusable as they are
         raise fail("model", source.name, f"weights could not be read ({type(e).__name__}: {_first_line(e)})",
                    "re-download or re-save the model") from None
     return model.eval()
+
+
+def load_timm_folder(folder: str | Path, num_classes: int | None = None) -> nn.Module:
+    """A timm folder's model, with a fresh head of `num_classes` when given: through timm's own loader,
+    or, for a folder only reshape can build (XCiT with a wider attention), the family's build and a
+    strict safetensors load."""
+    import timm
+
+    folder = Path(folder)
+    spec = read_spec(folder, False, str(folder))
+    if spec.family.timm_loads(spec.config):
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
+    from safetensors.torch import load_model as load_safetensors
+
+    model = spec.family.build(spec, empty=False)
+    load_safetensors(model, str(folder / "model.safetensors"), strict=True)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
 
 
 def save_tokenizer_files(source: Source, dest: Path) -> list[str]:

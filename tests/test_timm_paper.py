@@ -42,25 +42,14 @@ def millions(n: int) -> float:
     # 8 x 16 alone; the paper's 30.9M also halves the outer MLP (2560 -> 1280).
     ("tnt_b_patch16_224", dict(heads=16, depth=8), (65_428_680, 44_015_240), (65.4, 44.0)),
     ("tnt_b_patch16_224", dict(heads=16, depth=8, mlp=1280), (65_428_680, 30_897_800), (65.4, 30.9)),
-    # Keep-width; the paper's 59.0M keeps the head dim instead (see the next test).
+    # Keep-width; the paper's 59.0M keeps the head dim (attention width 1024, through WideXCA).
     ("xcit_medium_24_p16_224", dict(heads=16, depth=12), (84_395_752, 46_401_256), (84.4, 46.4)),
-], ids=["xcit-l", "davit-l", "davit-b", "tnt-b", "tnt-b-mlp-halved", "xcit-m-keep-width"])
+    ("xcit_medium_24_p16_224", dict(heads=16, depth=12, keep_head_dim=True), (84_395_752, 59_002_600), (84.4, 59.0)),
+], ids=["xcit-l", "davit-l", "davit-b", "tnt-b", "tnt-b-mlp-halved", "xcit-m-keep-width", "xcit-m"])
 def test_paper_parameter_counts(name, plan, exact, published):
     found = counts(name, **plan)
     assert found == exact
     assert tuple(map(millions, found)) == published
-
-
-def test_xcit_medium_paper_count_needs_the_head_dim_kept():
-    """XCiT-M 24 x 8 -> 12 x 16 is 59.0M only with head dim 64 kept (attention width 1024): timm's XCA
-    cannot express that width, so reshape refuses it; the arithmetic on the keep-width count shows it."""
-    with pytest.raises(ReshapeError, match="head_mode=keep-head-dim: a timm-xcit config cannot express"):
-        reshape.inspect("xcit_medium_24_p16_224", heads=16, depth=12, keep_head_dim=True)
-    _, keep_width = counts("xcit_medium_24_p16_224", heads=16, depth=12)
-    dim, wide = 512, 16 * 64
-    per_block = (3 * wide * dim + 3 * wide + wide * dim) - (3 * dim * dim + 3 * dim + dim * dim)  # qkv, proj
-    assert millions(keep_width + 12 * per_block) == 59.0
-    assert millions(reshape.inspect("xcit_medium_24_p16_224")["source"]["params"]["total"]) == 84.4
 
 
 def test_presets_cite_the_paper_and_reproduce_its_rows():
@@ -68,10 +57,11 @@ def test_presets_cite_the_paper_and_reproduce_its_rows():
 
     presets = load_presets()
     for alias, total in (("xcit-large", 103_792_744), ("davit-base", 62_653_416), ("tnt-base", 30_897_800),
-                         ("xcit-medium", 46_401_256)):
+                         ("xcit-medium", 59_002_600)):
         p = presets[alias]
         assert "2505.20802" in p.source
-        assert reshape.inspect(alias, heads=p.heads, depth=p.depth, mlp=p.mlp)["result"]["params"]["total"] == total
+        report = reshape.inspect(alias, heads=p.heads, depth=p.depth, mlp=p.mlp, keep_head_dim=p.keep_head_dim)
+        assert report["result"]["params"]["total"] == total
 
 
 # --- tiny random-weight variants ---------------------------------------------------------------------
@@ -186,6 +176,59 @@ def test_xcit_new_heads_inherit_their_parent_heads_temperature():
     assert sixteen.cls_attn_blocks[0].attn.num_heads == 16
 
 
+def test_xcit_keep_head_dim_widens_the_attention_and_keeps_each_block_exact():
+    """4 heads of 32 -> 8 heads of 32 (attention width 256 in a 128-wide model): each new head copies a
+    source head's q/k/v rows and temperature, and proj's columns are halved, so every main block computes
+    what it did. The class-attention blocks keep their weights, re-read as 8 heads (as with keep-width)."""
+    model = make(xcit)
+    new = reshape.leaner(model, heads=8, depth=4, keep_head_dim=True)
+    tokens = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(1))  # a 2 x 2 patch grid
+    for old, now in zip(model.blocks, new.blocks):
+        assert (now.attn.num_heads, now.attn.head_dim) == (8, 32)
+        assert now.attn.qkv.weight.shape == (3 * 256, 128) and now.attn.proj.weight.shape == (128, 256)
+        assert torch.equal(now.attn.temperature, old.attn.temperature.repeat_interleave(2, dim=0))
+        with torch.no_grad():
+            torch.testing.assert_close(now(tokens, 2, 2), old(tokens, 2, 2), rtol=0, atol=1e-5)
+    wider = 3 * 128 * 128 + 3 * 128 + 128 * 128  # qkv weight + bias, proj weight, per block
+    assert params(new) == params(model) + 4 * (wider + 4)  # + 4 more temperatures per block
+    assert new.cls_attn_blocks[0].attn.num_heads == 8
+    report = reshape.inspect(model, heads=8, depth=2, keep_head_dim=True)
+    assert report["result"]["shape"]["head_dim"] == 32
+    assert report["result"]["params"]["total"] == params(model) + 4 * (wider + 4) - 2 * sum(
+        p.numel() for p in new.blocks[0].parameters())
+
+
+def test_xcit_keep_head_dim_folder_loads_with_reshape_not_timm(tmp_path):
+    model = make(xcit)
+    family = find_family(model)
+    family.save(model, family.spec(model), tmp_path / "src")
+    recipe = reshape.convert(tmp_path / "src", tmp_path / "out", heads=8, depth=2, keep_head_dim=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["attn_head_dim"] == 32 and config["model_args"]["num_heads"] == 8
+    assert recipe["plan"]["head_mode"] == "keep-head-dim" and recipe["shape"]["head_dim"] == 32
+    loaded = reshape.load(tmp_path / "out")
+    assert params(loaded) == recipe["params"]["result"]["total"]
+    expected = reshape.leaner(model, heads=8, depth=2, keep_head_dim=True)
+    torch.testing.assert_close(run(loaded), run(expected), rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # timm's XCA is as wide as the model
+        timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert 'reshape.load("out")' in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(ReshapeError, match=r"folder=.*out: needs reshape to load \(attn_head_dim in config.json"):
+        reshape.push(tmp_path / "out", "someone/xcit", dry_run=True)
+    measured = reshape.report(tmp_path / "src", tmp_path / "out", batch_sizes=(2,), repeats=1)
+    assert measured["models"]["leaner"]["params"]["total"] == recipe["params"]["result"]["total"]
+    assert measured["models"]["leaner"]["shape"]["head_dim"] == 32
+    # A fine-tuning run loads it with a fresh head, and saves it with its head dim.
+    from reshape.train.timm_task import load_classifier
+
+    classifier = load_classifier(tmp_path / "out", ["a", "b", "c"])
+    assert classifier.model.head.out_features == 3
+    assert torch.equal(classifier.model.blocks[1].attn.qkv.weight, loaded.blocks[1].attn.qkv.weight)
+    classifier.save_pretrained(tmp_path / "tuned")
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["attn_head_dim"] == 32
+    assert params(reshape.load(tmp_path / "tuned")) == params(classifier.model)
+
+
 def test_tnt_outer_heads_split_aware_and_inner_heads_re_read():
     model = make(tnt)
     new = reshape.leaner(model, heads=12, depth=4, inner_heads=6, force=True)
@@ -231,7 +274,6 @@ def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder(tmp_path):
     (davit, dict(keep=[0, 1]), "keep=0,1: lists the layers of one block stack, and timm-davit has 4 stages"),
     (davit, dict(depth=[1, 1, 2, 1], mlp=32), "mlp=32: would resize two MLPs per dual block"),
     (deit, dict(depth=[2, 2]), "depth=2,2: gives one number per stage, and timm-vit has a single block stack"),
-    (xcit, dict(heads=8, keep_head_dim=True), "head_mode=keep-head-dim: a timm-xcit config cannot express"),
     (xcit, dict(heads=8, head_split="aware"), "head_split=aware: is not available for timm-xcit"),
     (xcit, dict(heads=8, mlp=64), "mlp=64: would also resize the class-attention blocks' MLPs"),
     (xcit, dict(heads=5), "heads=5: does not divide the attention width 128; use one of 4, 8, 16"),

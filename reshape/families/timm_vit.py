@@ -76,7 +76,15 @@ class TimmFamily(Family):
     def save(self, model, spec, out: Path):
         from timm.models import save_for_hf
 
-        save_for_hf(model, out, safe_serialization=True)
+        save_for_hf(model, out, model_config=self.extra_config(model) or None, safe_serialization=True)
+
+    def extra_config(self, model: nn.Module) -> dict:
+        """config.json keys beyond timm's own that rebuilding `model` needs (none for plain timm models)."""
+        return {}
+
+    def timm_loads(self, config: dict) -> bool:
+        """Does timm.create_model alone rebuild this config? False where reshape swapped in its own modules."""
+        return True
 
     def _skeleton(self, config):
         """A meta-device model of `config`, to read shapes from; shared, so callers must not change it."""

@@ -36,16 +36,19 @@ class TimmClassifier(nn.Module):
     def save_pretrained(self, out) -> None:
         from timm.models import save_for_hf
 
-        extra = {"label_names": self.label_names} if self.label_names else None
-        save_for_hf(self.model, out, model_config=extra, safe_serialization=True)
+        from ..families import find_family
+
+        extra = find_family(self.model).extra_config(self.model)  # e.g. a wide XCiT's attention head dim
+        if self.label_names:
+            extra["label_names"] = self.label_names
+        save_for_hf(self.model, out, model_config=extra or None, safe_serialization=True)
 
 
 def load_classifier(path, label_names: list[str] | None) -> TimmClassifier:
     """The timm model saved at `path`, with a fresh head of len(label_names) classes when given."""
-    import timm
+    from ..source import load_timm_folder
 
-    kwargs = {"num_classes": len(label_names)} if label_names else {}
-    model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
+    model = load_timm_folder(path, len(label_names) if label_names else None)
     names = label_names or json.loads((Path(path) / "config.json").read_text()).get("label_names")
     return TimmClassifier(model, names)
 
