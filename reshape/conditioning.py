@@ -37,9 +37,16 @@ def head_outputs(model: nn.Module, family, batches: Iterable[dict]) -> dict[int,
     return captured
 
 
-def layer_conditioning(model: nn.Module, family, batches: Iterable[dict], heads: int) -> list[dict]:
+def layer_heads(shape) -> list[int]:
+    """The head count of every block, in the order family.layers walks them (stage by stage)."""
+    stages = getattr(shape, "stages", (shape,))  # a StagedShape, or one block stack
+    return [s.heads for s in stages for _ in range(s.layers)]
+
+
+def layer_conditioning(model: nn.Module, family, batches: Iterable[dict], heads: list[int]) -> list[dict]:
     """Per layer: κ's median and interquartile range over the samples, and the mean absolute
-    correlation between the outputs of different heads (1 = fully redundant heads)."""
+    correlation between the outputs of different heads (1 = fully redundant heads). `heads`: each
+    layer's head count (see `layer_heads`)."""
     result = []
     for index, samples in sorted(head_outputs(model, family, batches).items()):
         values = torch.tensor([kappa(x) for x in samples], dtype=torch.float64)
@@ -48,7 +55,7 @@ def layer_conditioning(model: nn.Module, family, batches: Iterable[dict], heads:
             else torch.full((3,), float("inf"))
         result.append({"layer": index, "kappa_median": round(float(q[1]), 4),
                        "kappa_iqr": [round(float(q[0]), 4), round(float(q[2]), 4)],
-                       "head_correlation": round(head_correlation(torch.cat(samples), heads), 4)})
+                       "head_correlation": round(head_correlation(torch.cat(samples), heads[index]), 4)})
     return result
 
 
@@ -65,7 +72,7 @@ def head_correlation(outputs: torch.Tensor, heads: int) -> float:
 def kappa_log(model: nn.Module, batches: list[dict]) -> dict:
     """Per-layer median κ on fixed held-out batches, for the metrics log during training (--log-kappa)."""
     family = find_family(model)
-    heads = family.shape(family.spec(model).config).heads
+    heads = layer_heads(family.shape(family.spec(model).config))
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items() if k != "labels"} for batch in batches]
     return {"kappa": [layer["kappa_median"] for layer in layer_conditioning(model, family, batches, heads)]}

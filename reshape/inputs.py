@@ -29,10 +29,12 @@ def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, toke
     if config is not None:  # a transformers vision model
         size, channels = config.image_size, config.num_channels
         key, size = "pixel_values", (size, size) if isinstance(size, int) else tuple(size)
-    else:  # timm
-        embed = getattr(model, "patch_embed", None) or model.pixel_embed  # TNT embeds pixels
-        conv = next(m for m in embed.modules() if isinstance(m, nn.Conv2d))  # XCiT's embedding is a conv stack
-        channels, size, key = conv.in_channels, tuple(embed.img_size), "x"
+    else:  # timm: the stem's channels; the patch embedding's image size where it has one (TNT embeds
+        # pixels; DaViT and Swin take any size), else the one the model was trained at
+        channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        embed = getattr(model, "patch_embed", None) or getattr(model, "pixel_embed", None)
+        size = getattr(embed, "img_size", None) or model.pretrained_cfg["input_size"][1:]
+        size, key = tuple(size), "x"
     dtype = next(model.parameters()).dtype
     return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
 

@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .conditioning import layer_conditioning
+from .conditioning import layer_conditioning, layer_heads
 from .errors import Problem, ReshapeError, fail
 from .inputs import max_tokens, random_inputs
 from .output import output_problems, staged
 from .source import load_model, open_source
-from .stages import refuse_stages
 from .summary import count_params
 
 SCHEMA = 1  # bumped whenever a key of report.json changes meaning
@@ -49,7 +48,6 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
         raise fail("leaner", leaner, f"is a {families['leaner'].name} model but the base is {families['base'].name}",
                    "compare a model with the one it was converted from")
     family = families["base"]
-    refuse_stages(family, "base", base, "report")
     models = {}
     for name, src in sources.items():
         step(f"Loading {name}: {src.name}")
@@ -73,7 +71,7 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
         if kappa:
             step(f"Conditioning: {name}")
             entry["conditioning"] = layer_conditioning(model, family, _kappa_batches(sources[name], model, data),
-                                                       shape.heads)
+                                                       layer_heads(shape))
         if data:
             from .train.finetune import evaluate
 
@@ -266,6 +264,8 @@ def figures(result: dict) -> list[tuple[str, str, str, str]]:
     def fmt(value, digits=0):
         if value is None:
             return "-"
+        if isinstance(value, list):  # one number per stage of a hierarchical model
+            return ",".join(fmt(v, digits) for v in value)
         return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
     rows = [(label, fmt(base["shape"][key]), fmt(leaner["shape"][key]), "")

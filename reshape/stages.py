@@ -1,4 +1,4 @@
-"""Hierarchical models (DaViT): several block stacks ("stages"), each with its own width, heads and depth.
+"""Hierarchical models (DaViT, Swin): several block stacks ("stages"), each with its own width, heads and depth.
 
 A staged plan is one ordinary Plan per stage, each validated by `make_plan`; the weight transfer runs
 once per stage. `--depth 1,1,5,1` and `--heads 4,8,16,32` give one number per stage; a model with a

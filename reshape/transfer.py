@@ -41,7 +41,7 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
     for new_index, old_index in enumerate(plan.keep):
         layer = dict(layers[old_index])
         if widen:
-            _widen_heads(layer, weights, shape, new_shape)
+            widen_heads(layer, weights, shape, new_shape)
         elif plan.head_split == "aware":
             aware_split(layer, weights, shape, plan.heads, (input_covs or {}).get(old_index))
         if plan.mlp:
@@ -49,7 +49,7 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
         if weights.per_head and plan.heads != shape.heads:
             parents = torch.tensor(parent_heads(shape, plan))
             for name in weights.per_head:
-                layer[name] = layer[name].index_select(0, parents)
+                layer[name] = layer[name].index_select(weights.per_head_axis, parents)
         state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})
     return state
 
@@ -91,7 +91,7 @@ def parent_heads(shape: Shape, plan: Plan) -> list[int]:
     return [j * new_dim // shape.head_dim for j in range(plan.heads)]
 
 
-def _widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) -> None:
+def widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) -> None:
     q_heads = head_sources(shape, new.heads)
     # Without KV groups the K/V heads follow the query heads; with them, K/V are left as they are.
     kv_heads = q_heads if not shape.grouped else list(range(shape.kv_heads))

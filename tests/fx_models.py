@@ -112,6 +112,45 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class GroupedAttention(nn.Module):
+    """Grouped-query attention: separate q/k/v Linears, head dims left to -1, SDPA with enable_gqa."""
+
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, dim // heads * kv_heads), nn.Linear(dim, dim // heads * kv_heads)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k = self.k(x).view(B, N, self.kv_heads, -1).transpose(1, 2)
+        v = self.v(x).view(B, N, self.kv_heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class GroupedBlock(nn.Module):
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = GroupedAttention(dim, heads, kv_heads)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+class Grouped(nn.Module):
+    def __init__(self, dim=32, heads=4, kv_heads=2, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(GroupedBlock(dim, heads, kv_heads) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 class Encoder(nn.Module):
     """Embedding + torch.nn.TransformerEncoder (nn.MultiheadAttention) + a classifier."""
 
@@ -136,3 +175,14 @@ def vit(heads=2, depth=4):
 
 def encoder(heads=2, layers=4):
     return Encoder(heads=heads, layers=layers)
+
+
+def gpt_seeded():
+    """The same weights in every process, so a test can rebuild the source of a saved folder."""
+    torch.manual_seed(0)
+    return gpt()
+
+
+def vit_seeded():
+    torch.manual_seed(0)
+    return vit()

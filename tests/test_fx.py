@@ -4,7 +4,8 @@ Covered: torch.nn.TransformerEncoder (nn.MultiheadAttention), a nanoGPT-style GP
 ViT (tests/fx_models.py), and timm's PiT and ViT-RelPos, which no adapter claims. For each: a no-op
 rewrite reproduces the eager outputs, a depth-only rewrite equals the eager model running only the
 kept blocks, and doubled heads equal the same attention class built with twice the heads and given
-the same weights.
+the same weights. With keep_head_dim the projections grow instead (Net2Net), so the rewritten model
+computes what the source (or its kept blocks) did.
 """
 
 from __future__ import annotations
@@ -87,8 +88,20 @@ CASES = [
 ]
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+def close(a, b, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def _kept_by_hand(case, model, keep):
+    """The eager model running the kept blocks only."""
+    by_hand = copy.deepcopy(model)
+    stack = case.stack(by_hand)
+    kept = [stack[i] for i in keep]
+    for name in [n for n, _ in stack.named_children()]:
+        delattr(stack, name)
+    for i, block in enumerate(kept):
+        stack.add_module(str(i), block)
+    return by_hand
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -104,13 +117,7 @@ def test_noop_and_depth_only(case):
     keep = [0, len(blocks) - 1]
     shorter = reshape.leaner(model, depth=2)
     assert shorter.meta["reshape"]["plan"]["keep"] == keep
-    by_hand = copy.deepcopy(model)  # the eager model running the kept blocks only
-    stack = case.stack(by_hand)
-    kept = [stack[i] for i in keep]
-    for name in [n for n, _ in stack.named_children()]:
-        delattr(stack, name)
-    for i, block in enumerate(kept):
-        stack.add_module(str(i), block)
+    by_hand = _kept_by_hand(case, model, keep)
     close(shorter(x), by_hand(x))
     dropped = sum(p.numel() for i, b in enumerate(blocks) if i not in keep for p in b.parameters())
     assert params(shorter)["total"] == params(model)["total"] - dropped
@@ -181,6 +188,96 @@ def test_timm_name_without_adapter_converts_and_loads(tmp_path):
     assert loaded(x).shape == (2, 1000)
 
 
+# --- keep-head-dim: more heads of the same head dim, the projections grow ---------------------------------
+
+# Per case: where the blocks are, and the fused Q/K/V and output Linears in a block.
+WIDENED = {"nanogpt": ("h", "attn.c_attn", "attn.c_proj"), "vit": ("blocks", "attn.qkv", "attn.proj")}
+
+
+def _attention_params(dim, width):
+    """A fused Q/K/V Linear (3 * width outputs) and the output Linear, with biases."""
+    return (dim * 3 * width + 3 * width) + (width * dim + dim)
+
+
+@pytest.mark.parametrize("heads", [4, 3], ids=["doubled", "not-a-multiple"])
+@pytest.mark.parametrize("case_id", list(WIDENED))
+@torch.no_grad()
+def test_keep_head_dim_preserves_the_function(case_id, heads):
+    case = next(c for c in CASES if c.id == case_id)
+    model, x = case.model(), case.inputs()
+    new = reshape.leaner(model, heads=heads, keep_head_dim=True)
+    close(new(x), model(x), atol=1e-5)
+    width = 16 * heads  # head dim 16 (32 wide, 2 heads) is kept
+    stack, fused, out = WIDENED[case_id]
+    for i in range(4):
+        block = new.get_submodule(f"{stack}.{i}")
+        assert block.get_submodule(fused).weight.shape == (3 * width, 32)
+        assert block.get_submodule(fused).bias.shape == (3 * width,)
+        assert block.get_submodule(out).weight.shape == (32, width)
+        assert block.get_submodule(out).bias.shape == (32,)
+    grown = 4 * (_attention_params(32, width) - _attention_params(32, 32))
+    assert params(new)["total"] == params(model)["total"] + grown
+    assert params(new)["embeddings"] == params(model)["embeddings"]
+
+    shorter = reshape.leaner(model, heads=heads, depth=2, keep_head_dim=True)
+    close(shorter(x), _kept_by_hand(case, model, [0, 3])(x), atol=1e-5)
+    close(model(x), case.model()(x))  # the source is untouched
+
+
+@pytest.mark.parametrize("heads", [8, 6])
+@torch.no_grad()
+def test_keep_head_dim_with_grouped_kv_widens_the_queries_only(heads):
+    torch.manual_seed(0)
+    model, x = M.Grouped().eval(), torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    new = reshape.leaner(model, heads=heads, keep_head_dim=True)
+    close(new(x), model(x), atol=1e-5)
+    width = 8 * heads  # 4 heads of 8, 2 KV heads
+    shapes = {n: tuple(new.get_submodule(f"blocks.0.attn.{n}").weight.shape) for n in "qkvo"}
+    assert shapes == {"q": (width, 32), "k": (16, 32), "v": (16, 32), "o": (32, width)}
+    # Three blocks: q gains (width - 32) rows of 32 weights and a bias each, o as many columns of 32.
+    assert params(new)["total"] == params(model)["total"] + 3 * (width - 32) * (33 + 32)
+    with pytest.raises(ReshapeError) as e:
+        reshape.leaner(model, heads=5, keep_head_dim=True)
+    _one_line(e, "heads=5: is not a multiple of the 2 KV heads")
+
+
+@torch.no_grad()
+def test_keep_head_dim_saved_folder_loads_back(tmp_path):
+    recipe = reshape.convert("fx_models:gpt_seeded", tmp_path / "gpt", heads=4, depth=3, keep_head_dim=True,
+                             trust_remote_code=True)
+    assert recipe == json.loads((tmp_path / "gpt" / "reshape.json").read_text())
+    assert recipe["plan"]["head_mode"] == "keep-head-dim" and recipe["plan"]["keep"] == [0, 2, 3]
+    assert recipe["shape"] == {"layers": 3, "heads": 4, "kv_heads": 4, "head_dim": 16, "hidden": 64, "mlp": 0}
+    source = M.gpt_seeded().eval()
+    # One 12,704-parameter block dropped (see above); three kept, each with a twice as wide attention.
+    assert recipe["params"]["source"] == params(source)
+    assert recipe["params"]["result"]["total"] == (params(source)["total"] - 12_704
+                                                   + 3 * (_attention_params(32, 64) - _attention_params(32, 32)))
+    loaded = reshape.load(tmp_path / "gpt", trust_remote_code=True)
+    assert loaded.get_submodule("h.0.attn.c_attn").weight.shape == (192, 32)
+    close(loaded(_ids()), _kept_by_hand(CASES[1], source, [0, 2, 3])(_ids()), atol=1e-5)
+
+
+def test_keep_head_dim_refusals_write_nothing(tmp_path):
+    with pytest.raises(ReshapeError) as e:
+        reshape.convert("fx_models:encoder", tmp_path / "out", heads=4, keep_head_dim=True, trust_remote_code=True)
+    assert _one_line(e, "keep_head_dim=True: cannot widen block encoder.layers.0: its attention is an "
+                        "nn.MultiheadAttention").endswith("; drop --keep-head-dim to keep the width")
+    assert list(tmp_path.iterdir()) == []
+
+
+@torch.no_grad()
+def test_keep_head_dim_needs_an_output_projection():
+    model = CASES[1].model()
+    for block in model.h:
+        block.attn.c_proj = nn.Identity()  # the merged heads go straight into the residual
+    with pytest.raises(ReshapeError) as e:
+        reshape.leaner(model, heads=4, keep_head_dim=True)
+    _one_line(e, "keep_head_dim=True: cannot widen block h.0: its attention reads the merged heads from add, "
+                 "which is not an nn.Linear call")
+    reshape.leaner(model, heads=4)(_ids())  # keep-width needs no projection
+
+
 # --- bad input: one line each, nothing written ------------------------------------------------------
 
 class Untraceable(nn.Module):
@@ -246,8 +343,9 @@ def test_no_repeated_block_stack():
 @pytest.mark.parametrize("case_id, kwargs, start, fragment", [
     ("nanogpt", {"heads": 3}, "heads=3: does not divide the attention width 32", "use one of"),
     ("timm-relpos", {"heads": 6}, "heads=6: cannot be set: in block blocks.0", "learned attention bias"),
-    ("transformer-encoder", {"heads": 4, "keep_head_dim": True}, "keep_head_dim=True: is not available",
-     "drop --keep-head-dim"),
+    ("transformer-encoder", {"heads": 4, "keep_head_dim": True}, "keep_head_dim=True: cannot widen block "
+     "encoder.layers.0: its attention is an nn.MultiheadAttention (self_attn), which cannot hold a head dim",
+     "; drop --keep-head-dim to keep the width"),
     ("vit", {"depth": 9}, "depth=9: must be between 1 and the model's 4 layers", "use a depth"),
 ])
 def test_head_counts_the_attention_cannot_take(case_id, kwargs, start, fragment):
@@ -266,13 +364,18 @@ def test_refusals_write_nothing(tmp_path):
 
 # --- the command ---------------------------------------------------------------------------------------
 
-def test_cli_reaches_the_fx_path(tmp_path):
+def _cli(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "1000", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, "-m", "reshape.cli", "convert", "fx_models:vit", "--heads", "4",
-                          "--depth", "3", "-o", str(tmp_path / "vit"), "--trust-remote-code", "--json"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "reshape.cli", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_cli_reaches_the_fx_path(tmp_path):
+    run = _cli("convert", "fx_models:vit", "--heads", "4", "--depth", "3", "-o", str(tmp_path / "vit"),
+               "--trust-remote-code", "--json")
     recipe = json.loads(run.stdout)
     assert recipe["path"] == "fx" and recipe["plan"]["keep"] == [0, 2, 3]
     assert recipe["params"]["result"]["total"] < recipe["params"]["source"]["total"]
@@ -281,3 +384,16 @@ def test_cli_reaches_the_fx_path(tmp_path):
     load_model(independent, tmp_path / "vit" / "model.safetensors")
     with torch.no_grad():
         close(loaded(_image(16)()), independent(_image(16)()))
+
+
+def test_cli_keep_head_dim(tmp_path):
+    run = _cli("convert", "fx_models:vit_seeded", "--heads", "4", "--depth", "3", "--keep-head-dim",
+               "-o", str(tmp_path / "vit"), "--trust-remote-code", "--json")
+    recipe = json.loads(run.stdout)
+    assert recipe["plan"]["head_mode"] == "keep-head-dim" and recipe["plan"]["keep"] == [0, 2, 3]
+    assert recipe["shape"]["heads"] == 4 and recipe["shape"]["head_dim"] == 16 and recipe["shape"]["hidden"] == 64
+    loaded = reshape.load(tmp_path / "vit", trust_remote_code=True)
+    assert loaded.get_submodule("blocks.0.attn.proj").weight.shape == (32, 64)
+    source = M.vit_seeded().eval()
+    with torch.no_grad():
+        close(loaded(_image(16)()), _kept_by_hand(CASES[2], source, [0, 2, 3])(_image(16)()), atol=1e-5)

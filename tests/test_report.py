@@ -73,10 +73,10 @@ def test_identical_heads_are_fully_correlated():
                 proj.weight[h * 8:(h + 1) * 8] = proj.weight[:8]
                 proj.bias[h * 8:(h + 1) * 8] = proj.bias[:8]
     batches = [{"input_ids": torch.randint(V, (3, 10), generator=torch.Generator().manual_seed(0))}]
-    [layer] = layer_conditioning(model, BERT, batches, heads=4)
+    [layer] = layer_conditioning(model, BERT, batches, heads=[4])
     assert layer["head_correlation"] == pytest.approx(1.0)
     assert layer["layer"] == 0 and 1 <= layer["kappa_iqr"][0] <= layer["kappa_median"] <= layer["kappa_iqr"][1]
-    assert layer_conditioning(bert(1, heads=4), BERT, batches, heads=4)[0]["head_correlation"] < 0.9
+    assert layer_conditioning(bert(1, heads=4), BERT, batches, heads=[4])[0]["head_correlation"] < 0.9
 
 
 def test_report_files_schema_and_ratios(pair, tmp_path):

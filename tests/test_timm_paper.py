@@ -75,6 +75,11 @@ def davit():
                              num_heads=(1, 2, 4, 8), window_size=2, num_classes=5)
 
 
+def swin():
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2, embed_dim=16,
+                             depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=5)
+
+
 def tnt():
     return timm.create_model("tnt_s_patch16_224", pretrained=False, img_size=32, depth=4, embed_dim=96,
                              num_classes=5)
@@ -111,6 +116,8 @@ CASES = {
     "xcit": (xcit, dict(heads=4, depth=4), dict(heads=8, depth=2), dict(num_heads=8, depth=2)),
     "davit": (davit, dict(depth=[1, 1, 3, 1]), dict(heads=[2, 4, 8, 16], depth=[1, 1, 2, 1]),
               dict(num_heads=(2, 4, 8, 16), depths=(1, 1, 2, 1))),
+    "swin": (swin, dict(depth=[2, 2, 2, 2]), dict(heads=[2, 4, 8, 16], depth=[1, 1, 2, 1]),
+             dict(num_heads=(2, 4, 8, 16), depths=(1, 1, 2, 1))),
     "tnt": (tnt, dict(heads=6, depth=4), dict(heads=12, depth=2, inner_heads=6, force=True, mlp=192),
             dict(num_heads_outer=12, depth=2, num_heads_inner=6, mlp_ratio=2)),
     "deit": (deit, dict(heads=3, depth=4), dict(heads=6, depth=2), dict(num_heads=6, depth=2)),
@@ -143,8 +150,9 @@ def test_converted_model_has_timms_own_shape_and_count_and_reloads(case, tmp_pat
 def kept_by_hand(model, keep):
     """The source with only these blocks, cut by hand."""
     cut = copy.deepcopy(model)
-    if hasattr(cut, "stages"):  # DaViT: keep[i] are the kept blocks of stage i
-        for stage, kept in zip(cut.stages, keep):
+    stages = getattr(cut, "stages", None) or getattr(cut, "layers", None)  # DaViT, Swin
+    if stages is not None:  # keep[i] are the kept blocks of stage i
+        for stage, kept in zip(stages, keep):
             stage.blocks = nn.Sequential(*[stage.blocks[i] for i in kept])
     else:
         blocks = [cut.blocks[i] for i in keep]
@@ -154,7 +162,7 @@ def kept_by_hand(model, keep):
 
 @pytest.mark.parametrize("case, depth, keep", [
     ("xcit", 2, [0, 3]), ("tnt", 3, [0, 2, 3]), ("deit", 2, [0, 3]), ("deit-distilled", 3, [0, 2, 3]),
-    ("davit", [1, 1, 2, 1], [[0], [0], [0, 2], [0]]),
+    ("davit", [1, 1, 2, 1], [[0], [0], [0, 2], [0]]), ("swin", [1, 2, 1, 2], [[0], [0, 1], [0], [0, 1]]),
 ])
 def test_depth_only_equals_the_kept_blocks_run_by_hand(case, depth, keep):
     build, same, _, _ = CASES[case]
@@ -229,6 +237,31 @@ def test_xcit_keep_head_dim_folder_loads_with_reshape_not_timm(tmp_path):
     assert params(reshape.load(tmp_path / "tuned")) == params(classifier.model)
 
 
+def test_swin_keep_head_dim_is_exact_and_reloads_with_plain_timm(tmp_path):
+    """Doubled heads per stage at head dim 16: each new head copies a source head's q/k/v rows and its
+    relative position bias column, proj's columns are halved, so the whole model computes what it did;
+    timm's own head_dim argument expresses the wider attention."""
+    model = make(swin)
+    new = reshape.leaner(model, heads=[2, 4, 8, 16], keep_head_dim=True)
+    torch.testing.assert_close(run(new), run(model), rtol=0, atol=1e-5)
+    attn, old = new.layers[2].blocks[1].attn, model.layers[2].blocks[1].attn
+    assert attn.qkv.weight.shape == (3 * 8 * 16, 64) and attn.proj.weight.shape == (64, 128)
+    assert torch.equal(attn.relative_position_bias_table, old.relative_position_bias_table.repeat_interleave(2, 1))
+    family = find_family(new)
+    family.save(new, family.spec(new), tmp_path / "out")
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_args"]["head_dim"] == 16
+    assert torch.equal(run(reloaded), run(new))
+
+
+def test_swin_refuses_head_dims_that_differ_between_stages_when_not_keep_width():
+    wide = reshape.leaner(make(swin), heads=[2, 4, 8, 16], keep_head_dim=True)  # attention 2x the stage width
+    with pytest.raises(ReshapeError, match=r"heads=4,4,8,16: gives head dims \[8, 16\] with the attention wider or "
+                                           r"narrower than the stage, and timm's Swin takes one head dim for all "
+                                           r"stages; keep the head dim equal in every stage"):
+        reshape.leaner(wide, heads=[4, 4, 8, 16])
+
+
 def test_tnt_outer_heads_split_aware_and_inner_heads_re_read():
     model = make(tnt)
     new = reshape.leaner(model, heads=12, depth=4, inner_heads=6, force=True)
@@ -247,7 +280,7 @@ def test_distilled_deit_counts_its_distillation_token_as_an_embedding():
                                                            model.cls_token, model.dist_token))
 
 
-def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder(tmp_path):
+def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder_and_reports(tmp_path):
     model = make(davit)
     family = find_family(model)
     family.save(model, family.spec(model), tmp_path / "src")
@@ -258,9 +291,11 @@ def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder(tmp_path):
     assert recipe["params"]["result"]["total"] == params(reloaded)
     assert torch.equal(run(reloaded), run(kept_by_hand(model, [[0], [0], [0, 2], [0]])))
     assert json.loads((tmp_path / "out" / "reshape.json").read_text())["family"] == "timm-davit"
-    with pytest.raises(ReshapeError, match=r"base=.*src: is a timm-davit model with several stages, and reshape "
-                                           r"report follows one block stack; use reshape inspect"):
-        reshape.report(tmp_path / "src", tmp_path / "out")
+    measured = reshape.report(tmp_path / "src", tmp_path / "out", batch_sizes=(2,), repeats=1, out=tmp_path / "report")
+    assert measured["models"]["leaner"]["shape"]["layers"] == [1, 1, 2, 1]
+    assert measured["models"]["leaner"]["params"]["total"] == recipe["params"]["result"]["total"]
+    assert len(measured["models"]["leaner"]["conditioning"]) == 5  # one κ per dual block, stage by stage
+    assert "| layers | 1,1,3,1 | 1,1,2,1 |  |" in (tmp_path / "report" / "report.md").read_text()
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -273,6 +308,9 @@ def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder(tmp_path):
     (davit, dict(depth=[1, 1, 5, 1]), "depth[stage 2]=5: must be between 1 and the model's 3 layers"),
     (davit, dict(keep=[0, 1]), "keep=0,1: lists the layers of one block stack, and timm-davit has 4 stages"),
     (davit, dict(depth=[1, 1, 2, 1], mlp=32), "mlp=32: would resize two MLPs per dual block"),
+    (swin, dict(depth=[1, 1, 1]), "depth=1,1,1: has 3 values, and timm-swin has 4 stages (depth 2,2,2,2); "
+                                  "give one per stage, e.g. --depth 2,2,2,2"),
+    (swin, dict(heads=[2, 4, 8, 16], mlp=32), "mlp=32: would resize MLPs in stages of different widths"),
     (deit, dict(depth=[2, 2]), "depth=2,2: gives one number per stage, and timm-vit has a single block stack"),
     (xcit, dict(heads=8, head_split="aware"), "head_split=aware: is not available for timm-xcit"),
     (xcit, dict(heads=8, mlp=64), "mlp=64: would also resize the class-attention blocks' MLPs"),

@@ -13,10 +13,11 @@ from .base import BlockWeights, Family, ModelSpec, Proj
 from .hf import FAMILIES as _HF_FAMILIES
 from .timm_vit import TIMM_VIT
 from .timm_davit import TIMM_DAVIT
+from .timm_swin import TIMM_SWIN
 from .timm_tnt import TIMM_TNT
 from .timm_xcit import TIMM_XCIT
 
-FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_XCIT, TIMM_DAVIT, TIMM_TNT]
+FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_XCIT, TIMM_DAVIT, TIMM_SWIN, TIMM_TNT]
 
 
 def register(family: Family) -> None:

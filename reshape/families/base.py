@@ -31,8 +31,9 @@ class BlockWeights:
     attn_out: Proj
     mlp_in: tuple[Proj, ...]  # fc1, or gate and up for gated MLPs
     mlp_out: Proj
-    # Per-head parameters (leading axis = heads), e.g. XCiT's temperature: each new head takes its parent head's.
+    # Per-head parameters, e.g. XCiT's temperature: each new head takes its parent head's.
     per_head: tuple[str, ...] = ()
+    per_head_axis: int = 0  # their heads axis (Swin's relative position bias table has heads last)
 
 
 @dataclass

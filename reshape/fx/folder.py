@@ -10,6 +10,7 @@ rewrite, and loads the safetensors strictly. Nothing is unpickled.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch.fx as fx
@@ -37,7 +38,11 @@ def recipe_of(source: dict, plan: Plan, shape, leaf_modules, model: nn.Module, n
         raise fail("leaf_modules", leaf_modules, "holds classes, which reshape.json cannot record",
                    "name the leaf modules by their qualified names, e.g. ['blocks.0.attn']")
     before, after = params(model), params(new)
-    new_shape = target_shape(shape, plan) if plan.heads else shape.__class__(**{**shape.to_dict(), "layers": plan.depth})
+    if plan.heads:  # the fx path's hidden is the attention width, which keep-head-dim grows
+        new_shape = target_shape(shape, plan)
+        new_shape = replace(new_shape, hidden=new_shape.attn_width)
+    else:
+        new_shape = replace(shape, layers=plan.depth)
     return {
         "reshape_version": __version__,
         "path": "fx",

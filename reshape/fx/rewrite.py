@@ -1,4 +1,5 @@
-"""The fx path in memory: trace, plan, drop blocks, re-head. Deterministic, so `load` can replay it."""
+"""The fx path in memory: trace, plan, drop blocks, re-head (keep-width or keep-head-dim).
+Deterministic, so `load` can replay it."""
 
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ from ..errors import fail
 from ..plan import MIN_HEAD_DIM, Plan, Shape, make_plan
 from ..summary import count_params
 from .depth import keep_blocks
-from .heads import Site, Unsupported, check_heads, locate, reshape_heads
+from .heads import Site, Unsupported, check_heads, locate, projections, reshape_heads, widen_heads
 from .stack import Stack, block_nodes, find_stack
 from .tracer import default_concrete_args, trace
 
 # What the fx path cannot do, with the fix: option -> (refused value test, reason, fix).
 REFUSED = {
-    "keep_head_dim": (lambda v: bool(v), "is not available on the fx path yet (it would need new Q/K/V/O "
-                      "rows in modules it does not own)", "drop --keep-head-dim to keep the width"),
     "mlp": (lambda v: v is not None, "is not available on the fx path (it cannot tell MLP layers apart)",
             "leave --mlp out"),
     "init": (lambda v: v not in (None, "transfer"), "is not available on the fx path, which keeps the "
@@ -31,7 +30,7 @@ REFUSED = {
     "head_split": (lambda v: v not in (None, "contiguous"), "is not available on the fx path, which reads "
                    "the same weights as more heads (contiguous)", "use --head-split contiguous or leave it out"),
 }
-KNOWN = ("keep", "select", "allow_fewer_heads", "force", *REFUSED)
+KNOWN = ("keep", "select", "keep_head_dim", "allow_fewer_heads", "force", *REFUSED)
 
 
 def check_options(options: dict) -> None:
@@ -77,6 +76,19 @@ def find_attention(gm: fx.GraphModule, stack: Stack, leaf_modules=()) -> Site | 
     return check_heads(sites, node.target)
 
 
+def check_widening(gm: fx.GraphModule, stack: Stack, leaf_modules=()) -> None:
+    """Keep-head-dim needs every attention's projections; look for them in the first block (the
+    blocks are identical) so a refusal comes before anything is written."""
+    node = block_nodes(gm, stack)[0]
+    block_gm = trace_block(gm, node, leaf_modules, rewire=False)
+    try:
+        for site in locate(block_gm):
+            projections(block_gm, site)
+    except Unsupported as e:
+        raise fail("keep_head_dim", True, f"cannot widen block {node.target}: its attention {e}",
+                   "drop --keep-head-dim to keep the width") from None
+
+
 def source_shape(stack: Stack, site: Site | None) -> Shape:
     """The plan's view of the model. The fx path cannot tell the model and MLP widths, so hidden is the
     attention width and mlp is 0; an attention that was not found reads as 0 heads."""
@@ -105,8 +117,11 @@ def plan_fx(model: nn.Module, heads: int | None, depth: int | None, leaf_modules
     # Without a located attention, the plan checks the layers only (a stand-in head shape).
     planned = shape if site else Shape(shape.layers, 1, 1, MIN_HEAD_DIM, MIN_HEAD_DIM, 0)
     plan = make_plan(planned, family="fx", heads=heads, depth=depth, keep=options.get("keep"),
-                     select=options.get("select", "uniform"), allow_fewer_heads=options.get("allow_fewer_heads", False),
+                     select=options.get("select", "uniform"), keep_head_dim=bool(options.get("keep_head_dim")),
+                     allow_fewer_heads=options.get("allow_fewer_heads", False),
                      force=options.get("force", False), can_split_aware=False)
+    if site is not None and plan.head_mode == "keep-head-dim" and plan.heads != site.heads:
+        check_widening(gm, stack, leaf_modules)
     if site is None:
         plan = replace(plan, heads=0)  # unknown, and left as it is
     return plan, shape
@@ -114,7 +129,8 @@ def plan_fx(model: nn.Module, heads: int | None, depth: int | None, leaf_modules
 
 def apply_plan(model: nn.Module, plan: Plan, leaf_modules=(), name: str = "") -> fx.GraphModule:
     """Rewrite a copy of `model` by the plan: a GraphModule whose blocks are the kept ones, renumbered,
-    each re-headed (as its own GraphModule) when the head count changes."""
+    each re-headed (as its own GraphModule) when the head count changes: at the same width, or with
+    wider projections when the plan keeps the head dim."""
     model = copy.deepcopy(model)
     gm, stack = find_stack(model, leaf_modules, name)
     heads_before = None
@@ -125,7 +141,8 @@ def apply_plan(model: nn.Module, plan: Plan, leaf_modules=(), name: str = "") ->
     if heads_before is not None and plan.heads != heads_before:
         for node in block_nodes(gm, stack):
             block_gm = trace_block(gm, node, leaf_modules)
-            reshape_heads(block_gm, locate(block_gm), plan.heads)
+            rehead = widen_heads if plan.head_mode == "keep-head-dim" else reshape_heads
+            rehead(block_gm, locate(block_gm), plan.heads)
             container, _, index = node.target.rpartition(".")
             setattr(gm.get_submodule(container) if container else gm, index, block_gm)
         gm.graph.lint()
@@ -143,6 +160,7 @@ def params(model: nn.Module) -> dict[str, int]:
 def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None, *, leaf_modules=(),
            **options) -> fx.GraphModule:
     """The fx path of `reshape.leaner`: a GraphModule with `depth` of the model's repeated blocks and
-    `heads` attention heads at the same width; `model` is untouched."""
+    `heads` attention heads, at the same width or, with keep_head_dim=True, of the same head dim
+    (function preserving); `model` is untouched."""
     plan, _ = plan_fx(model, heads, depth, leaf_modules, **options)
     return apply_plan(model, plan, leaf_modules)
