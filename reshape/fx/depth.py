@@ -9,7 +9,8 @@ from .stack import Stack, block_nodes
 
 
 def keep_blocks(gm: fx.GraphModule, stack: Stack, keep: tuple[int, ...]) -> tuple[fx.GraphModule, Stack]:
-    """Keep the blocks at indices `keep` of the stack (increasing); return the graph and the new stack."""
+    """Keep the blocks at indices `keep` of the stack (increasing); return the graph and the new stack.
+    Call gm.recompile() before running it."""
     nodes = block_nodes(gm, stack)
     kept = []
     for index, node in enumerate(nodes):
@@ -26,6 +27,5 @@ def keep_blocks(gm: fx.GraphModule, stack: Stack, keep: tuple[int, ...]) -> tupl
         gm.add_submodule(name, module)
         node.target = name
         names.append(name)
-    gm.graph.lint()
-    gm.recompile()
+    gm.graph.lint()  # not recompiled here: apply_plan's copy compiles it
     return gm, Stack(stack.container, tuple(names))

@@ -76,14 +76,13 @@ def convert(source: dict, out: str | Path, heads: int | None = None, depth: int 
                                "make for an arbitrary module", "use uniform, first, last or --keep"))
     try:
         model = build(source, trust_remote_code)
-        plan, shape = plan_fx(model, heads, depth, leaf_modules, name=source.get("factory") or source["timm"],
-                              **options)
+        planned = plan_fx(model, heads, depth, leaf_modules, name=source.get("factory") or source["timm"], **options)
     except ReshapeError as e:
         raise ReshapeError(writing + e.problems) from None
     if writing:
         raise ReshapeError(writing)
-    new = apply_plan(model, plan, leaf_modules)
-    recipe = recipe_of(source, plan, shape, leaf_modules, model, new)
+    new = apply_plan(model, planned.plan, planned.shape.heads, leaf_modules, traced=(planned.gm, planned.stack))
+    recipe = recipe_of(source, planned.plan, planned.shape, leaf_modules, model, new)
     save(new, recipe, out)
     return recipe
 
@@ -101,6 +100,6 @@ def load(out: str | Path, trust_remote_code: bool = False) -> fx.GraphModule:
                    "load it with transformers' from_pretrained or timm.create_model")
     model = build(recipe["build"], trust_remote_code)
     plan = Plan(**{k: (tuple(v) if k == "keep" else v) for k, v in recipe["plan"].items() if k != "depth"})
-    new = apply_plan(model, plan, recipe.get("leaf_modules", ()))
+    new = apply_plan(model, plan, recipe["source_shape"]["heads"], recipe.get("leaf_modules", ()))
     load_model(new, str(out / "model.safetensors"), strict=True)
     return new.eval()

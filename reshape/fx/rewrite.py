@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch.fx as fx
@@ -76,16 +76,15 @@ def find_attention(gm: fx.GraphModule, stack: Stack, leaf_modules=()) -> Site | 
     return check_heads(sites, node.target)
 
 
-def check_widening(gm: fx.GraphModule, stack: Stack, leaf_modules=()) -> None:
-    """Keep-head-dim needs every attention's projections; look for them in the first block (the
-    blocks are identical) so a refusal comes before anything is written."""
-    node = block_nodes(gm, stack)[0]
-    block_gm = trace_block(gm, node, leaf_modules, rewire=False)
+def check_widening(site: Site, block: str) -> None:
+    """Keep-head-dim needs every attention's projections; look for them in the first block's graph (the
+    one `find_attention` traced; the blocks are identical) so a refusal comes before anything is written."""
+    block_gm = site.node.graph.owning_module
     try:
-        for site in locate(block_gm):
-            projections(block_gm, site)
+        for each in locate(block_gm):
+            projections(block_gm, each)
     except Unsupported as e:
-        raise fail("keep_head_dim", True, f"cannot widen block {node.target}: its attention {e}",
+        raise fail("keep_head_dim", True, f"cannot widen block {block}: its attention {e}",
                    "drop --keep-head-dim to keep the width") from None
 
 
@@ -98,9 +97,19 @@ def source_shape(stack: Stack, site: Site | None) -> Shape:
                  hidden=site.width, mlp=0)
 
 
+@dataclass
+class Planned:
+    """A validated plan, with the source traced for it: `gm` calls the source's own block modules."""
+
+    plan: Plan
+    shape: Shape  # the source's
+    gm: fx.GraphModule
+    stack: Stack
+
+
 def plan_fx(model: nn.Module, heads: int | None, depth: int | None, leaf_modules=(), name: str = "",
-            **options) -> tuple[Plan, Shape]:
-    """Validate a request against the traced model; return the plan and the source shape."""
+            **options) -> Planned:
+    """Validate a request against the traced model."""
     check_options(options)
     gm, stack = find_stack(model, leaf_modules, name)
     try:
@@ -121,27 +130,24 @@ def plan_fx(model: nn.Module, heads: int | None, depth: int | None, leaf_modules
                      allow_fewer_heads=options.get("allow_fewer_heads", False),
                      force=options.get("force", False), can_split_aware=False)
     if site is not None and plan.head_mode == "keep-head-dim" and plan.heads != site.heads:
-        check_widening(gm, stack, leaf_modules)
+        check_widening(site, stack.names[0])
     if site is None:
         plan = replace(plan, heads=0)  # unknown, and left as it is
-    return plan, shape
+    return Planned(plan, shape, gm, stack)
 
 
-def apply_plan(model: nn.Module, plan: Plan, leaf_modules=(), name: str = "") -> fx.GraphModule:
-    """Rewrite a copy of `model` by the plan: a GraphModule whose blocks are the kept ones, renumbered,
-    each re-headed (as its own GraphModule) when the head count changes: at the same width, or with
-    wider projections when the plan keeps the head dim."""
-    model = copy.deepcopy(model)
-    gm, stack = find_stack(model, leaf_modules, name)
-    heads_before = None
-    if plan.heads:
-        found = find_attention(gm, stack, leaf_modules)
-        heads_before = found.heads if isinstance(found, Site) else None
-    gm, stack = keep_blocks(gm, stack, plan.keep)
-    if heads_before is not None and plan.heads != heads_before:
+def apply_plan(model: nn.Module, plan: Plan, source_heads: int, leaf_modules=(), traced=None) -> fx.GraphModule:
+    """Rewrite `model` by the plan, leaving it untouched: a GraphModule whose blocks are the kept ones,
+    renumbered, each re-headed (as its own GraphModule) when the plan's head count differs from
+    `source_heads`: at the same width, or with wider projections when the plan keeps the head dim.
+    `traced`: the (gm, stack) that `find_stack` made of `model`, reused instead of tracing again."""
+    gm, stack = traced or find_stack(model, leaf_modules)
+    gm, stack = keep_blocks(gm, stack, plan.keep)  # rewires the graph and its own containers only
+    gm = copy.deepcopy(gm)  # the kept modules are still the source's: copy them before re-heading
+    if plan.heads and plan.heads != source_heads:
+        rehead = widen_heads if plan.head_mode == "keep-head-dim" else reshape_heads
         for node in block_nodes(gm, stack):
             block_gm = trace_block(gm, node, leaf_modules)
-            rehead = widen_heads if plan.head_mode == "keep-head-dim" else reshape_heads
             rehead(block_gm, locate(block_gm), plan.heads)
             container, _, index = node.target.rpartition(".")
             setattr(gm.get_submodule(container) if container else gm, index, block_gm)
@@ -162,5 +168,5 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     """The fx path of `reshape.leaner`: a GraphModule with `depth` of the model's repeated blocks and
     `heads` attention heads, at the same width or, with keep_head_dim=True, of the same head dim
     (function preserving); `model` is untouched."""
-    plan, _ = plan_fx(model, heads, depth, leaf_modules, **options)
-    return apply_plan(model, plan, leaf_modules)
+    planned = plan_fx(model, heads, depth, leaf_modules, **options)
+    return apply_plan(model, planned.plan, planned.shape.heads, leaf_modules, traced=(planned.gm, planned.stack))
