@@ -146,6 +146,9 @@ def test_heads_and_depth_together_and_exact_parameter_counts():
     # GPT: 50x32 wte + 16x32 wpe + 32+32 ln_f; each block 12,704 (two norms, c_attn, c_proj, MLP); lm_head tied.
     assert params(model) == {"total": 52_992, "embeddings": 2_112, "non_embedding": 50_880}
     assert params(new) == {"total": 27_584, "embeddings": 2_112, "non_embedding": 25_472}
+    # The result owns its tensors (training it leaves the source alone), and the tie is kept.
+    assert not {id(p) for p in new.parameters()} & {id(p) for p in model.parameters()}
+    assert new.lm_head.weight is new.wte.weight
 
 
 @torch.no_grad()

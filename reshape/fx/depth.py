@@ -9,8 +9,7 @@ from .stack import Stack, block_nodes
 
 
 def keep_blocks(gm: fx.GraphModule, stack: Stack, keep: tuple[int, ...]) -> tuple[fx.GraphModule, Stack]:
-    """Keep the blocks at indices `keep` of the stack (increasing); return the graph and the new stack.
-    Call gm.recompile() before running it."""
+    """Keep the blocks at indices `keep` of the stack (increasing); return the graph and the new stack."""
     nodes = block_nodes(gm, stack)
     kept = []
     for index, node in enumerate(nodes):
@@ -27,5 +26,6 @@ def keep_blocks(gm: fx.GraphModule, stack: Stack, keep: tuple[int, ...]) -> tupl
         gm.add_submodule(name, module)
         node.target = name
         names.append(name)
-    gm.graph.lint()  # not recompiled here: apply_plan's copy compiles it
+    gm.graph.lint()
+    gm.recompile()
     return gm, Stack(stack.container, tuple(names))

@@ -143,7 +143,7 @@ def apply_plan(model: nn.Module, plan: Plan, source_heads: int, leaf_modules=(),
     `traced`: the (gm, stack) that `find_stack` made of `model`, reused instead of tracing again."""
     gm, stack = traced or find_stack(model, leaf_modules)
     gm, stack = keep_blocks(gm, stack, plan.keep)  # rewires the graph and its own containers only
-    gm = copy.deepcopy(gm)  # the kept modules are still the source's: copy them before re-heading
+    _own_copies(gm)  # the kept modules are still the source's: copy them before re-heading
     if plan.heads and plan.heads != source_heads:
         rehead = widen_heads if plan.head_mode == "keep-head-dim" else reshape_heads
         for node in block_nodes(gm, stack):
@@ -155,6 +155,17 @@ def apply_plan(model: nn.Module, plan: Plan, source_heads: int, leaf_modules=(),
         gm.recompile()
     gm.meta["reshape"] = {"plan": plan.to_dict(), "stack": stack.container, "blocks": list(stack.names)}
     return gm.train(model.training)
+
+
+def _own_copies(gm: fx.GraphModule) -> None:
+    """Replace gm's modules, parameters and buffers by copies, in one deepcopy so tied weights stay tied.
+    Cheaper than deep-copying gm, which would copy and recompile its graph too."""
+    children, parameters, buffers = copy.deepcopy((dict(gm.named_children()), dict(gm._parameters),
+                                                   dict(gm._buffers)))
+    for name, child in children.items():
+        setattr(gm, name, child)
+    gm._parameters.update(parameters)
+    gm._buffers.update(buffers)
 
 
 def params(model: nn.Module) -> dict[str, int]:
