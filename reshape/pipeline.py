@@ -168,6 +168,10 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             if covs:
                 recipe["head_split_calib"] = calib or "random inputs"
             del model
+        if family.library == "timm" and not family.timm_loads(new_spec.config):
+            log.warning("reshape: %s will need reshape.load (or reshape finetune/eval/report) to load: timm alone "
+                        "cannot build its attention (%s)", out, ", ".join(f"{k}={v}" for k, v in
+                                                                        family.extra_config(new).items()))
         with step(f"Saving to {out}"), staged(out) as tmp:
             family.save(new, new_spec, tmp)
             recipe["copied_files"] = save_tokenizer_files(src, tmp)

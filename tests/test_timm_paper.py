@@ -206,11 +206,13 @@ def test_xcit_keep_head_dim_widens_the_attention_and_keeps_each_block_exact():
         p.numel() for p in new.blocks[0].parameters())
 
 
-def test_xcit_keep_head_dim_folder_loads_with_reshape_not_timm(tmp_path):
+def test_xcit_keep_head_dim_folder_loads_with_reshape_not_timm(tmp_path, caplog):
     model = make(xcit)
     family = find_family(model)
     family.save(model, family.spec(model), tmp_path / "src")
     recipe = reshape.convert(tmp_path / "src", tmp_path / "out", heads=8, depth=2, keep_head_dim=True)
+    assert "out will need reshape.load (or reshape finetune/eval/report) to load: timm alone cannot build its " \
+           "attention (attn_head_dim=32)" in caplog.text
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["attn_head_dim"] == 32 and config["model_args"]["num_heads"] == 8
     assert recipe["plan"]["head_mode"] == "keep-head-dim" and recipe["shape"]["head_dim"] == 32
