@@ -12,12 +12,18 @@ drives distillation, fine-tuning and, for --init random, the initial weights). R
 - 4 x 24 and 4 x 12 without distillation;
 - 4 x 24 with --init random: the paper's from-scratch start, then the same recovery.
 
+With --task-distill (the main job's recipe since task distillation landed), each converted row is trained on
+the labels with that seed's fine-tuned baseline as its teacher (`reshape distill --task seq-cls`: cross
+entropy + logit KL + hidden states) instead of plain fine-tuning, for the same budget; --lr sets the
+fine-tuning rate of both (the main job uses 1e-4).
+
 Before any training it also measures the relative error of the converted models' last hidden states
 against the source and against the 4 x 12 control on held-out review text, for both head splits (the
 aware one fitted on review text, and on random inputs).
 Finished (row, seed) results are kept in OUT/results.json, so a re-run skips them.
 
-    python benchmarks/recover.py [--seeds 2] [--distill-steps 150] [--epochs 1] [-o benchmarks/recover-out]
+    python benchmarks/recover.py [--seeds 2] [--distill-steps 150] [--epochs 1] [--lr 5e-5] [--task-distill]
+                                 [--rows 1,2,4] [-o benchmarks/recover-out]
 """
 
 from __future__ import annotations
@@ -52,19 +58,28 @@ CALIB = "rotten-tomatoes-full"
 
 
 def run_row(options: dict | None, seed: int, work: Path, args) -> float:
-    finetune_budget = TrainConfig(epochs=args.epochs, batch_size=32, lr=5e-5, seed=seed)
-    model = load_presets()["minilm"].local_folder()
-    if options is not None:
-        options = dict(options)
-        distilled = options.pop("distill", True)
-        reshape.convert("minilm", work / "converted", depth=4, seed=seed, calib=CALIB, overwrite=True, **options)
-        model = work / "converted"
-        if distilled:
-            distill("minilm", model, work / "distilled", data=CALIB, max_length=64, overwrite=True,
-                    config=TrainConfig(max_steps=args.distill_steps, batch_size=32, lr=1e-4, seed=seed))
-            model = work / "distilled"
-    result = finetune(model, work / "finetuned", task="seq-cls", data="rotten-tomatoes", config=finetune_budget,
-                      max_length=64, overwrite=True)
+    finetune_budget = TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, seed=seed)
+    baseline = work / f"baseline-seed{seed}"  # the fine-tuned baseline: the teacher of --task-distill
+    if options is None:
+        result = finetune(load_presets()["minilm"].local_folder(), baseline, task="seq-cls", data="rotten-tomatoes",
+                          config=finetune_budget, max_length=64, overwrite=True)
+        return result["best"]["accuracy"]
+    options = dict(options)
+    distilled = options.pop("distill", True)
+    reshape.convert("minilm", work / "converted", depth=4, seed=seed, calib=CALIB, overwrite=True, **options)
+    model = work / "converted"
+    if distilled:
+        distill("minilm", model, work / "distilled", data=CALIB, max_length=64, overwrite=True,
+                config=TrainConfig(max_steps=args.distill_steps, batch_size=32, lr=1e-4, seed=seed))
+        model = work / "distilled"
+    if args.task_distill:
+        if not (baseline / "config.json").is_file():
+            raise SystemExit(f"--task-distill needs the baseline of seed {seed} first: include row 1 (--rows 1,...)")
+        result = distill(baseline, model, work / "finetuned", task="seq-cls", data="rotten-tomatoes",
+                         config=finetune_budget, max_length=64, overwrite=True)
+    else:
+        result = finetune(model, work / "finetuned", task="seq-cls", data="rotten-tomatoes", config=finetune_budget,
+                          max_length=64, overwrite=True)
     return result["best"]["accuracy"]
 
 
@@ -104,6 +119,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--distill-steps", type=int, default=150)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate (baseline and rows)")
+    parser.add_argument("--task-distill", action="store_true",
+                        help="train converted rows on the labels with the fine-tuned baseline as teacher")
     parser.add_argument("--rows", help="comma-separated row numbers to run (1-based); all by default")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/recover-out"))
     args = parser.parse_args()
@@ -111,6 +129,8 @@ def main() -> None:
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     settings = {"distill_steps": args.distill_steps, "epochs": args.epochs}
+    if args.lr != 5e-5 or args.task_distill:  # recorded only when set, so older results files still match
+        settings.update(lr=args.lr, task_distill=args.task_distill)
     if results.get("settings", settings) != settings:
         raise SystemExit(f"{results_file} holds results of other settings {results['settings']}; use another -o")
     results["settings"] = settings
