@@ -245,6 +245,19 @@ def test_keep_head_dim_with_grouped_kv_widens_the_queries_only(heads):
 
 
 @torch.no_grad()
+def test_keep_width_with_grouped_kv_scales_the_kv_heads_too():
+    """As for the adapters: 4 heads / 2 KV heads -> 8 / 4 at the same width, the same weights re-read,
+    equal to the class built with 8 / 4 heads."""
+    torch.manual_seed(0)
+    model, x = M.Grouped(dim=64).eval(), torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    new = reshape.leaner(model, heads=8)
+    independent = M.Grouped(dim=64, heads=8, kv_heads=4).eval()
+    independent.load_state_dict(model.state_dict())
+    close(new(x), independent(x))
+    assert not torch.allclose(new(x), model(x), atol=1e-3)
+
+
+@torch.no_grad()
 def test_keep_head_dim_saved_folder_loads_back(tmp_path):
     recipe = reshape.convert("fx_models:gpt_seeded", tmp_path / "gpt", heads=4, depth=3, keep_head_dim=True,
                              trust_remote_code=True)
