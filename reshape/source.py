@@ -158,7 +158,7 @@ def load_model(source: Source) -> nn.Module:
                    "re-download the model, or save it with save_pretrained")
     try:
         if spec.family.library == "timm":
-            model = load_timm_folder(folder)
+            model = load_timm_folder(folder, spec=spec)
         else:
             model = spec.cls.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
     except Exception as e:  # any loader failure means the files are unusable as they are
@@ -167,14 +167,14 @@ def load_model(source: Source) -> nn.Module:
     return model.eval()
 
 
-def load_timm_folder(folder: str | Path, num_classes: int | None = None) -> nn.Module:
+def load_timm_folder(folder: str | Path, num_classes: int | None = None, spec: ModelSpec | None = None) -> nn.Module:
     """A timm folder's model, with a fresh head of `num_classes` when given: through timm's own loader,
     or, for a folder only reshape can build (XCiT with a wider attention), the family's build and a
-    strict safetensors load."""
+    strict safetensors load. `spec`: the folder's, when already read."""
     import timm
 
     folder = Path(folder)
-    spec = read_spec(folder, False, str(folder))
+    spec = spec or read_spec(folder, False, str(folder))
     if spec.family.timm_loads(spec.config):
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)

@@ -8,26 +8,19 @@ head count (keep-width, contiguous).
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..plan import Shape
 from ..stages import StagedShape
-from .base import BlockWeights, Proj
-from .timm_vit import TimmFamily
+from .timm_vit import TimmStagedFamily, timm_block_weights
 
 
-class TimmDaViT(TimmFamily):
+class TimmDaViT(TimmStagedFamily):
     name = "timm-davit"
     covers = "timm DaViT (davit_*, except the *_fl variants)"
     model_class = "timm.models.davit:DaVit"
     embedding_names = ("stem",)
+    stages_attr = "stages"
     # The window attention of each dual block (its first module; the channel block is "1.").
-    weights = BlockWeights(
-        attn_in=(Proj("0.attn.qkv", ("q", "k", "v")),),
-        attn_out=Proj("0.attn.proj"),
-        mlp_in=(Proj("0.mlp.fc1"),),
-        mlp_out=Proj("0.mlp.fc2"),
-    )
+    weights = timm_block_weights("0.")
     # Window and channel attention compute their head dim as the stage width / num_heads.
     can_widen_attention = False
     # The channel block attends across channels, which the aware split's token score form does not describe.
@@ -51,14 +44,6 @@ class TimmDaViT(TimmFamily):
             stages.append(Shape(layers=len(stage.blocks), heads=heads, kv_heads=heads, head_dim=block.dim // heads,
                                 hidden=block.dim, mlp=block.mlp.fc1.out_features))
         return StagedShape(tuple(stages))
-
-    def layers(self, model):
-        """Every dual block of every stage, in order (for measurements that walk the blocks)."""
-        return nn.ModuleList([block for stage in model.stages for block in stage.blocks])
-
-    def stage_prefixes(self, model) -> list[str]:
-        """Where each stage's blocks live in the state dict, in stage order."""
-        return [f"stages.{i}.blocks." for i in range(len(model.stages))]
 
     def new_config(self, config, shape, plan):
         return self._new_args(config, depths=tuple(plan.depth), num_heads=tuple(plan.heads))

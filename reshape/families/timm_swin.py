@@ -9,28 +9,20 @@ head's column of the table. timm's SwinTransformer has one `head_dim` argument f
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..errors import fail
 from ..plan import Shape
 from ..stages import StagedShape, result_shape
-from .base import BlockWeights, Proj
-from .timm_vit import TimmFamily
+from .timm_vit import TimmStagedFamily, timm_block_weights
 
 
-class TimmSwin(TimmFamily):
+class TimmSwin(TimmStagedFamily):
     name = "timm-swin"
     covers = "timm Swin Transformer (swin_*, v1)"
     model_class = "timm.models.swin_transformer:SwinTransformer"
     embedding_names = ("patch_embed",)
-    weights = BlockWeights(
-        attn_in=(Proj("attn.qkv", ("q", "k", "v")),),
-        attn_out=Proj("attn.proj"),
-        mlp_in=(Proj("mlp.fc1"),),
-        mlp_out=Proj("mlp.fc2"),
-        per_head=("attn.relative_position_bias_table",),
-        per_head_axis=1,  # [(2 * window - 1) ** 2, heads]
-    )
+    stages_attr = "layers"
+    weights = timm_block_weights(per_head=("attn.relative_position_bias_table",),
+                                 per_head_axis=1)  # the table is [(2 * window - 1) ** 2, heads]
     can_widen_attention = True  # through timm's head_dim argument
     # The aware split is fitted per block stack on one width; the stages differ in width.
     can_split_aware = False
@@ -46,14 +38,6 @@ class TimmSwin(TimmFamily):
                                 head_dim=attn.qkv.out_features // 3 // attn.num_heads, hidden=width,
                                 mlp=stage.blocks[0].mlp.fc1.out_features))
         return StagedShape(tuple(stages))
-
-    def layers(self, model):
-        """Every block of every stage, in order (for measurements that walk the blocks)."""
-        return nn.ModuleList([block for stage in model.layers for block in stage.blocks])
-
-    def stage_prefixes(self, model) -> list[str]:
-        """Where each stage's blocks live in the state dict, in stage order."""
-        return [f"layers.{i}.blocks." for i in range(len(model.layers))]
 
     def finalize(self, model):
         """Recompute each block's shifted-window mask: a non-persistent buffer that timm derives from the

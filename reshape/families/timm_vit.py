@@ -104,6 +104,27 @@ class TimmFamily(Family):
         return config
 
 
+class TimmStagedFamily(TimmFamily):
+    """A hierarchical timm model: `model.<stages_attr>[i].blocks` is stage i's block stack (see reshape/stages.py)."""
+
+    stages_attr: str
+
+    def layers(self, model):
+        """Every block of every stage, in order (for measurements that walk the blocks)."""
+        return nn.ModuleList([block for stage in getattr(model, self.stages_attr) for block in stage.blocks])
+
+    def stage_prefixes(self, model) -> list[str]:
+        """Where each stage's blocks live in the state dict, in stage order."""
+        return [f"{self.stages_attr}.{i}.blocks." for i in range(len(getattr(model, self.stages_attr)))]
+
+
+def timm_block_weights(prefix: str = "", **per_head) -> BlockWeights:
+    """The weight map of timm's usual block under `prefix`: a fused attn.qkv, attn.proj, mlp.fc1, mlp.fc2;
+    `per_head`: BlockWeights' per-head fields."""
+    return BlockWeights(attn_in=(Proj(f"{prefix}attn.qkv", ("q", "k", "v")),), attn_out=Proj(f"{prefix}attn.proj"),
+                        mlp_in=(Proj(f"{prefix}mlp.fc1"),), mlp_out=Proj(f"{prefix}mlp.fc2"), **per_head)
+
+
 def mlp_ratio(hidden: int, mlp: int) -> float:
     """The mlp_ratio that makes timm's int(hidden * mlp_ratio) equal `mlp`, nudged where float rounding
     would lose a neuron."""
@@ -116,12 +137,7 @@ class TimmViT(TimmFamily):
     covers = "timm VisionTransformer (vit_*, deit_* including distilled DeiT)"
     model_class = "timm.models.vision_transformer:VisionTransformer"  # DeiT's distilled model subclasses it
     embedding_names = ("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token")
-    weights = BlockWeights(
-        attn_in=(Proj("attn.qkv", ("q", "k", "v")),),
-        attn_out=Proj("attn.proj"),
-        mlp_in=(Proj("mlp.fc1"),),
-        mlp_out=Proj("mlp.fc2"),
-    )
+    weights = timm_block_weights()
     # VisionTransformer's model args have no attention head dim, so a saved config could not rebuild it.
     can_widen_attention = False
 

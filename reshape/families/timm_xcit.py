@@ -19,8 +19,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from ..plan import Shape, target_shape
-from .base import BlockWeights, Proj
-from .timm_vit import TimmFamily
+from .timm_vit import TimmFamily, timm_block_weights
 
 WIDE_KEY = "attn_head_dim"  # config.json key of a folder whose main blocks use WideXCA
 
@@ -60,17 +59,12 @@ class TimmXCiT(TimmFamily):
     covers = "timm XCiT (xcit_*)"
     model_class = "timm.models.xcit:Xcit"
     embedding_names = ("patch_embed", "pos_embed", "cls_token")
-    weights = BlockWeights(
-        attn_in=(Proj("attn.qkv", ("q", "k", "v")),),
-        attn_out=Proj("attn.proj"),
-        mlp_in=(Proj("mlp.fc1"),),
-        mlp_out=Proj("mlp.fc2"),
+    weights = timm_block_weights(
         # XCA normalises each query/key channel over the tokens and scales each head's channel-by-channel
         # logits by a learnt temperature. A new head's channels are a subset of its parent head's (or,
         # with the head dim kept, a copy of them), so with the parent's temperature every logit it keeps
         # is exactly the parent's.
-        per_head=("attn.temperature",),
-    )
+        per_head=("attn.temperature",))
     # Through WideXCA (see the module docstring): such folders need reshape.load.
     can_widen_attention = True
     # XCA attends across channels (a head_dim x head_dim map per head), not across tokens: the aware
