@@ -1,5 +1,8 @@
 """Dropping blocks: each removed block's output uses are replaced by its input, and the kept blocks
-are renumbered 0..L-1 so the state dict reads like a model built with L layers."""
+take the run's first L names (0..L-1 when the run is the whole container, so the state dict reads
+like a model built with L layers). A run that starts partway through its container (Hiera, MaxViT:
+a different first block) keeps its start: names outside the run are never reused, since the graph
+still calls those modules."""
 
 from __future__ import annotations
 
@@ -21,8 +24,7 @@ def keep_blocks(gm: fx.GraphModule, stack: Stack, keep: tuple[int, ...]) -> tupl
     for name in stack.names:
         gm.delete_submodule(name)
     names = []
-    for index, (node, module) in enumerate(kept):
-        name = f"{stack.prefix}{index}"
+    for name, (node, module) in zip(stack.names, kept):
         gm.add_submodule(name, module)
         node.target = name
         names.append(name)

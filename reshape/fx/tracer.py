@@ -6,6 +6,7 @@ being traced and the operation that broke it, and says how to mark that module a
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import ExitStack, contextmanager
 from unittest import mock
@@ -85,6 +86,30 @@ def default_concrete_args(module: nn.Module) -> dict:
 
 
 @contextmanager
+def _attributes_kept(root: nn.Module):
+    """Tracing runs forward with Proxies, and some forwards store what they compute on the module (timm's
+    LeViT and EfficientFormer cache their attention biases in `attention_bias_cache` when not training):
+    the source would come out holding Proxies of a dead graph, which breaks the next trace. Every
+    module's attributes, and the contents of its plain dicts, lists and sets, are put back afterwards."""
+    saved = []
+    for module in root.modules():
+        attrs = dict(vars(module))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        saved.append((module, attrs, contents))
+    try:
+        yield
+    finally:
+        for module, attrs, contents in saved:
+            state = vars(module)
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            state.update(attrs)
+            for key, value in contents.items():  # in place: others may hold the same container
+                attrs[key].clear()
+                attrs[key].update(value) if not isinstance(value, list) else attrs[key].extend(value)
+
+
+@contextmanager
 def _patched():
     with ExitStack() as stack:
         for owner, name, replacement, _ in PATCHES:
@@ -105,7 +130,7 @@ def trace(module: nn.Module, leaves=(), leaf_modules=(), concrete_args: dict | N
     tracer = Tracer(leaves, leaf_modules)
     concrete = default_concrete_args(module) if concrete_args is None else concrete_args
     try:
-        with _patched():
+        with _patched(), _attributes_kept(module):
             graph = tracer.trace(module, concrete_args=concrete)
     except Exception as e:  # tracing runs arbitrary user code: any error means "not traceable"
         inner = tracer.path[-1] if tracer.path else ""
