@@ -40,10 +40,20 @@ class TimmFamily(Family):
             return False
         import timm
 
-        if isinstance(obj, dict) and timm.is_model(obj.get("architecture", "")):
-            obj = self._skeleton(obj)
         module, name = self.model_class.split(":")
-        return isinstance(obj, getattr(importlib.import_module(module), name))
+        cls = getattr(importlib.import_module(module), name)
+        if isinstance(obj, dict) and timm.is_model(obj.get("architecture", "")):
+            # An architecture is built (on the meta device) to check its class only when its own timm module
+            # uses this family's class: others (Swin v2, whose constructor copies into a buffer, which the
+            # meta device cannot hold) are never built here.
+            from timm.models._registry import _model_to_module, split_model_name_tag
+
+            arch = split_model_name_tag(obj["architecture"])[0]
+            arch_module = importlib.import_module(f"timm.models.{_model_to_module[arch]}")
+            if not any(isinstance(v, type) and issubclass(v, cls) for v in vars(arch_module).values()):
+                return False
+            obj = self._skeleton(obj)
+        return isinstance(obj, cls)
 
     def spec(self, model):
         from timm.models import get_model_args

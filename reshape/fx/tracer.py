@@ -132,6 +132,10 @@ def trace(module: nn.Module, leaves=(), leaf_modules=(), concrete_args: dict | N
     try:
         with _patched(), _attributes_kept(module):
             graph = tracer.trace(module, concrete_args=concrete)
+            graph.lint()
+            # Built before the attributes are put back: it copies the tensor constants the tracer
+            # stored on the root (`_tensor_constant0`, ...), which must not stay on the source.
+            return fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as e:  # tracing runs arbitrary user code: any error means "not traceable"
         inner = tracer.path[-1] if tracer.path else ""
         where = ".".join(x for x in (name, inner) if x) or type(module).__name__
@@ -141,5 +145,3 @@ def trace(module: nn.Module, leaves=(), leaf_modules=(), concrete_args: dict | N
                    f"({type(e).__name__}: {reason})",
                    f"mark it as a leaf: leaf_modules=[{type(culprit).__name__}] (or the name {where!r}) "
                    "in reshape.leaner, or make its forward traceable") from None
-    graph.lint()
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
