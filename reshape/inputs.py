@@ -13,7 +13,12 @@ def max_tokens(model: nn.Module) -> int | None:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not positions:
         return None
-    return positions - 2 if getattr(config, "model_type", "") == "roberta" else positions  # positions start at 2
+    # RoBERTa-style position ids start after the padding index (at 2 for RoBERTa, XLM-R, CamemBERT, MPNet).
+    table = next((m for name, m in model.named_modules() if name.endswith("position_embeddings")
+                  and isinstance(m, nn.Embedding)), None)
+    if table is not None and table.padding_idx is not None:
+        return positions - table.padding_idx - 1
+    return positions
 
 
 def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, tokens: int = 64,

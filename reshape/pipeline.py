@@ -27,7 +27,7 @@ from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape, transfer_stages
 from .summary import count_params, describe
-from .transfer import load_into, transfer_state
+from .transfer import load_into, parent_heads, transfer_state
 
 log = logging.getLogger("reshape")
 
@@ -84,6 +84,9 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
     plan = any_plan(shape, family=family.name, heads=heads, depth=depth,
                     can_widen_attention=family.can_widen_attention, can_split_aware=family.can_split_aware,
                     **({"inner": inner} if inner else {}), **options)
+    problem = family.plan_problem(shape, plan)
+    if problem:
+        raise ReshapeError([problem])
     problem = family.config_problem(family.new_config(spec.config, shape, plan))
     if problem:
         legal = [h for h in legal_heads(shape, plan.head_mode == "keep-head-dim")
@@ -113,6 +116,10 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
         else:
             state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan,
                                    input_covs)
+            if plan.heads != shape.heads:
+                parents = torch.tensor(parent_heads(shape, plan))
+                for key, axis in family.outside_per_head(model).items():
+                    state[key] = state[key].index_select(axis, parents)
         if not share_weights:
             state = {k: v.clone() for k, v in state.items()}
         load_into(new, state)

@@ -40,6 +40,8 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
     widen = plan.head_mode == "keep-head-dim" and plan.heads != shape.heads
     for new_index, old_index in enumerate(plan.keep):
         layer = dict(layers[old_index])
+        if weights.interleaved:
+            _regroup(layer, weights, shape, to_groups=False)
         if widen:
             widen_heads(layer, weights, shape, new_shape)
         elif plan.head_split == "aware":
@@ -49,7 +51,10 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
         if weights.per_head and plan.heads != shape.heads:
             parents = torch.tensor(parent_heads(shape, plan))
             for name in weights.per_head:
-                layer[name] = layer[name].index_select(weights.per_head_axis, parents)
+                if name in layer:  # T5 keeps its relative attention bias in the first block only
+                    layer[name] = layer[name].index_select(weights.per_head_axis, parents)
+        if weights.interleaved:
+            _regroup(layer, weights, new_shape, to_groups=True)
         state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})
     return state
 
@@ -104,9 +109,31 @@ def widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) ->
             index.append(rows[role] + offset)
             offset += width[role]
         _select_out(layer, proj, torch.cat(index))
+    for norm in weights.attn_norms:  # a norm over the whole query (key) width follows its rows
+        _select_out(layer, norm, rows[norm.roles[0]])
     copies = torch.bincount(torch.tensor(q_heads), minlength=shape.heads)
     scale = (1.0 / copies[torch.tensor(q_heads)]).repeat_interleave(shape.head_dim)
     _select_in(layer, weights.attn_out, rows["q"], scale)
+
+
+def _regroup(layer: dict, weights: BlockWeights, shape: Shape, to_groups: bool) -> None:
+    """Reorder a fused projection's rows between [q; k; v] (what the algorithms here read) and the
+    layout grouped per KV head, [q heads of group 0, k0, v0, q heads of group 1, ...]."""
+    per_group = shape.heads // shape.kv_heads
+    d = shape.head_dim
+    q_width = shape.heads * d
+    kv_width = shape.kv_heads * d
+    order = []
+    for g in range(shape.kv_heads):  # row of [q; k; v] that lands at each grouped position
+        order += list(range(g * per_group * d, (g + 1) * per_group * d))
+        order += list(range(q_width + g * d, q_width + (g + 1) * d))
+        order += list(range(q_width + kv_width + g * d, q_width + kv_width + (g + 1) * d))
+    index = torch.tensor(order)
+    if not to_groups:
+        index = torch.argsort(index)
+    for proj in weights.attn_in:
+        if len(proj.roles) == 3:
+            _select_out(layer, proj, index)
 
 
 def _keep_neurons(layer: dict, weights: BlockWeights, width: int) -> None:

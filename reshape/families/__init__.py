@@ -11,13 +11,16 @@ from typing import Any
 from ..errors import fail
 from .base import BlockWeights, Family, ModelSpec, Proj
 from .hf import FAMILIES as _HF_FAMILIES
+from .hf_generic import GENERIC
 from .timm_vit import TIMM_VIT
 from .timm_davit import TIMM_DAVIT
 from .timm_swin import TIMM_SWIN
 from .timm_tnt import TIMM_TNT
 from .timm_xcit import TIMM_XCIT
 
-FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_XCIT, TIMM_DAVIT, TIMM_SWIN, TIMM_TNT]
+# The declared adapters first (hand-written weight maps for the families reshape started with), then the
+# generic transformers adapter, which reads any other transformers model from its structure.
+FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_XCIT, TIMM_DAVIT, TIMM_SWIN, TIMM_TNT, GENERIC]
 
 
 def register(family: Family) -> None:
@@ -28,7 +31,10 @@ def find_family(obj: Any) -> Family:
     """The adapter for a transformers config, a timm config dict, or an nn.Module."""
     for family in FAMILIES:
         if family.claims(obj):
-            return family
+            return family.resolve(obj)
+    config = getattr(obj, "config", obj)
+    if hasattr(config, "model_type") and hasattr(config, "to_json_string"):
+        GENERIC.resolve(obj)  # raises its one-line reason: what was looked for and not found
     raise fail("model", describe(obj), "is not a supported model family",
                "use one of: " + "; ".join(f.covers for f in FAMILIES))
 

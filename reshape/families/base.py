@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import Problem
 from ..plan import Plan, Shape
 
 
@@ -34,6 +35,11 @@ class BlockWeights:
     # Per-head parameters, e.g. XCiT's temperature: each new head takes its parent head's.
     per_head: tuple[str, ...] = ()
     per_head_axis: int = 0  # their heads axis (Swin's relative position bias table has heads last)
+    # Norms over the whole query or key width (OLMo-2's q_norm): one entry per output unit of that role.
+    attn_norms: tuple[Proj, ...] = ()
+    # Fused Q/K/V rows grouped per KV head as [q heads of the group, k, v] (GPT-NeoX, BLOOM, Falcon),
+    # instead of [all q; all k; all v].
+    interleaved: bool = False
 
 
 @dataclass
@@ -93,6 +99,19 @@ class Family(ABC):
     def config_problem(self, config: Any) -> str | None:
         """Why the family's own library would refuse this config when loading it, or None."""
         return None
+
+    def resolve(self, obj: Any) -> "Family":
+        """The adapter for this particular model (the generic transformers adapter reads it from the structure)."""
+        return self
+
+    def plan_problem(self, shape: Shape, plan: Plan) -> Problem | None:
+        """Why the family cannot carry out this plan, or None."""
+        return None
+
+    def outside_per_head(self, model: nn.Module) -> dict[str, int]:
+        """Per-head tensors outside the block stack (state key -> heads axis), e.g. MPNet's shared
+        relative attention bias: each new head takes its parent head's entry."""
+        return {}
 
     def finalize(self, model: nn.Module) -> None:
         """Restore what assigning a state dict undoes (e.g. tied weights)."""

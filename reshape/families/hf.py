@@ -112,7 +112,7 @@ class HFFamily(Family):
         return model
 
     def embedding_modules(self, model):
-        return [getattr(model.base_model, name) for name in self.embeddings]
+        return [model.base_model.get_submodule(name) for name in self.embeddings]
 
     def save(self, model, spec, out: Path):
         model.save_pretrained(out)

@@ -1,0 +1,434 @@
+"""Any transformers model whose structure follows the common conventions, found from the model itself.
+
+transformers adds architectures every month; a hand-written adapter per model type never keeps up.
+This adapter reads the structure instead (on a skeleton built on the meta device from the config):
+
+- the block stack: the ModuleList of identical blocks whose length is the config's layer count (two
+  for encoder-decoders: the encoder's and the decoder's);
+- the attention projections, by the naming conventions below, checked against the config's head
+  counts and widths; fused Q/K/V projections laid out as [q; k; v], or interleaved per KV group;
+- the MLP projections (plain or gated) whose width is the config's MLP width;
+- per-head tensors: relative position bias tables and scales, whose children inherit the parent's
+  entry; q/k norms over the head dim (keep-head-dim only) or over the whole width;
+- per-layer config lists (`layer_types`, ...), which follow the kept layers.
+
+What the structure cannot tell is declared per model type in DECLARED (interleaved fused layouts,
+config rules); what cannot be done is refused with a one-line reason. Rebuilding goes through the
+model's own config and class, so every output loads with plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..errors import Problem, fail
+from ..plan import Shape, target_shape
+from ..stages import StagedShape
+from .base import BlockWeights, Proj
+from .hf import ConfigKeys, HFFamily
+
+# Attention projections by convention: (q, k, v) names, fused names, output names.
+SEPARATE_QKV = [("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
+                ("query_proj", "key_proj", "value_proj"), ("q", "k", "v"), ("wq", "wk", "wv")]
+FUSED_QKV = ("qkv_proj", "qkv", "Wqkv", "c_attn", "query_key_value", "in_proj", "W_pack")
+OUT_NAMES = ("o_proj", "out_proj", "dense", "out_lin", "o", "c_proj", "Wo", "wo", "proj", "output.dense")
+# MLP projections: (inputs, output); a gated MLP has two inputs of the same width.
+MLP_NAMES = [(("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("intermediate.dense",), "output.dense"),
+             (("c_fc",), "c_proj"), (("fc_in",), "fc_out"), (("lin1",), "lin2"), (("dense_h_to_4h",), "dense_4h_to_h"),
+             (("wi",), "wo"), (("w1", "w3"), "w2"), (("ffn",), "ffn_output")]
+MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff", "ffn_hidden_size")
+# Names of per-head tensors that a child head inherits from its parent head.
+PER_HEAD_HINTS = ("relative_attention_bias", "relative_position_bias_table", "temperature", "head_scale")
+QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"), ("query_layernorm", "key_layernorm"))
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a model type's structure does not show."""
+
+    # Fused Q/K/V rows grouped per KV head as [q heads of the group, k, v] (per head when KV = heads).
+    interleaved: bool = False
+    refuse: str | None = None  # why the type is refused as a whole
+    mlp_ratio: int | None = None  # MLP width / hidden when the config stores no MLP width
+
+
+DECLARED = {
+    "gpt_neox": Declared(interleaved=True),
+    "bloom": Declared(interleaved=True, mlp_ratio=4),
+    "deberta": Declared(interleaved=True),
+    "falcon": Declared(interleaved=True),
+    "gpt_neo": Declared(),
+}
+
+
+class Unsupported(Exception):
+    """The structure did not match: the message names what was looked for and not found."""
+
+
+@dataclass(frozen=True)
+class Stack:
+    path: str  # from the base model to the ModuleList
+    keys: ConfigKeys
+
+
+def _skeleton(config, cls=None) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), init_empty_weights(include_buffers=False):
+        model = cls(config) if cls is not None else AutoModel.from_config(config)
+    return model.base_model
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in, out, conv1d) of a linear projection, or None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2's [in, out] layout
+        return module.weight.shape[0], module.nf, True
+    return None
+
+
+def _child(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _config_value(config, *names):
+    data = config.to_dict()
+    for name in names:
+        if name in data or name in getattr(config, "attribute_map", {}):
+            return name, getattr(config, name, None)
+    return None, None
+
+
+@dataclass
+class Found:
+    """The result of reading one block."""
+
+    attn_in: tuple[Proj, ...]
+    attn_out: Proj
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_in: tuple[Proj, ...] = ()
+    mlp_out: Proj | None = None
+    mlp: int = 0
+    per_head: list[tuple[str, int]] = field(default_factory=list)
+    head_norms: list[str] = field(default_factory=list)  # q/k norms over the head dim
+    width_norms: list[Proj] = field(default_factory=list)  # q/k norms over all heads
+    moe: bool = False
+
+
+def read_block(block: nn.Module, heads: int, kv_heads: int, hidden: int, mlp_width: int | None,
+               where: str) -> Found:
+    """Find the attention (the first match: the self-attention) and the MLP of one block."""
+    found = None
+    for parent_name, parent in block.named_modules():
+        found = _attention(block, parent, parent_name, heads, kv_heads, hidden)
+        if found:
+            break
+    if found is None:
+        raise Unsupported(f"no Q/K/V projections found under {where} (looked for "
+                          f"{', '.join('/'.join(n) for n in SEPARATE_QKV[:3])} or a fused {'/'.join(FUSED_QKV[:5])} "
+                          f"with {heads} heads)")
+    _per_head_tensors(block, found)
+    _mlp(block, found, hidden, mlp_width)
+    return found
+
+
+def _attention(root: nn.Module, parent: nn.Module, pname: str, heads: int, kv_heads: int, hidden: int) -> Found | None:
+    prefix = f"{pname}." if pname else ""
+    candidates = []
+    for names in SEPARATE_QKV:
+        dims = [_linear_dims(_child(parent, n)) if _child(parent, n) is not None else None for n in names]
+        if all(dims) and dims[0][0] == hidden:
+            q_out, kv_out = dims[0][1], dims[1][1]
+            if q_out % heads == 0 and dims[2][1] == kv_out and kv_out * heads == q_out * kv_heads:
+                conv = dims[0][2]
+                attn_in = tuple(Proj(prefix + n, (role,), conv1d=conv) for n, role in zip(names, "qkv"))
+                candidates.append((attn_in, q_out, q_out // heads))
+    for name in FUSED_QKV:
+        module = _child(parent, name)
+        dims = _linear_dims(module) if module is not None else None
+        if dims and dims[0] == hidden and dims[1] % (heads + 2 * kv_heads) == 0:
+            head_dim = dims[1] // (heads + 2 * kv_heads)
+            candidates.append(((Proj(prefix + name, ("q", "k", "v"), conv1d=dims[2]),), heads * head_dim, head_dim))
+    # The output projection sits beside the inputs (most), or in a sibling of their module (BERT's
+    # attention.self.query and attention.output.dense).
+    places = [prefix]
+    if pname:
+        places.append(pname.rsplit(".", 1)[0] + "." if "." in pname else "")
+    for attn_in, width, head_dim in candidates:
+        for place in places:
+            for out_name in OUT_NAMES:
+                module = _child(root, place + out_name)
+                dims = _linear_dims(module) if module is not None else None
+                if dims and dims[0] == width and dims[1] == hidden and place + out_name not in {p.name for p in attn_in}:
+                    return Found(attn_in, Proj(place + out_name, conv1d=dims[2]), heads, kv_heads, head_dim)
+    return None
+
+
+def _per_head_tensors(block: nn.Module, found: Found) -> None:
+    q_prefix = found.attn_in[0].name.rsplit(".", 1)[0] + "." if "." in found.attn_in[0].name else ""
+    for name, p in block.named_parameters():
+        if any(h in name for h in PER_HEAD_HINTS) and found.heads in p.shape:
+            found.per_head.append((name, list(p.shape).index(found.heads)))
+    for q_name, k_name in QK_NORMS:
+        for prefix in (q_prefix, ""):
+            q, k = _child(block, prefix + q_name), _child(block, prefix + k_name)
+            if q is None or k is None:
+                continue
+            q_size = sum(p.numel() for p in q.parameters(recurse=False))
+            if q_size == found.head_dim or q_size == 0:
+                found.head_norms += [prefix + q_name, prefix + k_name]
+            elif q_size == found.heads * found.head_dim:
+                found.width_norms += [Proj(prefix + q_name, ("q",)), Proj(prefix + k_name, ("k",))]
+            else:  # e.g. one norm per head: neither rule applies
+                raise Unsupported(f"its q/k norm {prefix + q_name} has {q_size} parameters, neither the head dim "
+                                  f"{found.head_dim} nor the attention width")
+            return
+
+
+def _mlp(block: nn.Module, found: Found, hidden: int, width: int | None) -> None:
+    found.moe = any("expert" in name for name, _ in block.named_modules())
+    for ins, out in MLP_NAMES:
+        for parent_name, parent in block.named_modules():
+            if "expert" in parent_name:
+                continue
+            prefix = f"{parent_name}." if parent_name else ""
+            modules = [_child(parent, n) for n in (*ins, out)]
+            if any(m is None for m in modules):
+                continue
+            dims = [_linear_dims(m) for m in modules]
+            if not all(dims):
+                continue
+            inner = dims[-1][0]
+            if width is not None and inner != width:
+                continue
+            if all(d[0] == hidden and d[1] == inner for d in dims[:-1]) and dims[-1][1] == hidden:
+                found.mlp_in = tuple(Proj(prefix + n, conv1d=d[2]) for n, d in zip(ins, dims))
+                found.mlp_out = Proj(prefix + out, conv1d=dims[-1][2])
+                found.mlp = inner
+                return
+
+
+class GenericFamily(HFFamily):
+    """An HFFamily whose weight map and config keys were read from the model's structure."""
+
+    def __init__(self, model_type: str, layers_path: str, weights: BlockWeights, embeddings: list[str],
+                 keys: ConfigKeys, found: Found, declared: Declared, can_widen_attention: bool,
+                 can_split_aware: bool, refuses: dict[str, str], mlp_default: int):
+        super().__init__(f"auto:{model_type}", f"any transformers model with a standard layout ({model_type})",
+                         [model_type], layers_path, weights, embeddings, keys=keys,
+                         can_widen_attention=can_widen_attention, can_split_aware=can_split_aware)
+        self.found = found
+        self.declared = declared
+        self.refuses = refuses
+        self.mlp_default = mlp_default
+        self.outside: list[tuple[str, int]] = []  # per-head tensors outside the stack (name under base, axis)
+
+    def shape(self, config) -> Shape:
+        k = self.keys
+        heads, hidden = getattr(config, k.heads), getattr(config, k.hidden)
+        kv = getattr(config, k.kv_heads, None) if k.kv_heads else None
+        head_dim = getattr(config, k.head_dim, None) if k.head_dim else None
+        return Shape(layers=getattr(config, k.layers), heads=heads, kv_heads=kv or self.found.kv_heads * heads //
+                     self.found.heads, head_dim=head_dim or hidden // heads, hidden=hidden,
+                     mlp=getattr(config, k.mlp, None) or self.mlp_default)
+
+    def plan_problem(self, shape: Shape, plan) -> Problem | None:
+        if self.found.head_norms and plan.head_mode == "keep-width" and plan.heads != shape.heads:
+            return Problem("heads", plan.heads, f"changes the head dim {shape.head_dim} in keep-width mode, and the "
+                           f"q/k norms ({', '.join(self.found.head_norms)}) are learnt over the head dim",
+                           f"pass --keep-head-dim, or keep {shape.heads} heads")
+        return None
+
+    def new_config(self, config, shape, plan):
+        new = super().new_config(config, shape, plan)
+        k = self.keys
+        if k.kv_heads is None and self.found.kv_heads != self.found.heads:
+            raise AssertionError("grouped heads without a KV key")
+        if getattr(config, "attention_types", None) is not None and hasattr(config, "attention_layers"):
+            # GPT-Neo stores its per-layer pattern compressed; write the kept layers out one by one.
+            kinds = [config.attention_layers[i] for i in plan.keep]
+            new.attention_types = [[[kind], 1] for kind in kinds]
+            new.attention_layers = kinds
+        if hasattr(new, "set_output_features_output_indices") and len(new.stage_names or []) == shape.layers + 1:
+            _keep_backbone_stages(new, plan.keep)
+        return new
+
+    def outside_per_head(self, model) -> dict[str, int]:
+        base = model.base_model
+        prefix = next((f"{name}." for name, m in model.named_modules() if m is base and name), "")
+        return {prefix + name: axis for name, axis in self.outside}
+
+
+def _keep_backbone_stages(config, keep) -> None:
+    """A backbone config names one stage per layer and lists the stages it outputs: renumber both."""
+    new_index = {old + 1: new + 1 for new, old in enumerate(keep)}
+    new_index[0] = 0  # the stem
+    out = [new_index[i] for i in config.out_indices or [] if i in new_index] or None
+    config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(keep) + 1)]
+    config.set_output_features_output_indices(None, out)
+
+
+def _embeddings(base: nn.Module, stack_paths: list[str]) -> list[str]:
+    if isinstance(getattr(base, "embeddings", None), nn.Module):
+        return ["embeddings"]
+    names = []
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Embedding) and not any(name.startswith(p + ".") for p in stack_paths):
+            names.append(name)
+    return names
+
+
+def _stack(base: nn.Module, layers: int) -> list[str]:
+    paths = []
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers and layers > 0:
+            if len({type(m) for m in module}) == 1:
+                paths.append(name)
+    return paths
+
+
+def discover(config, cls=None) -> GenericFamily:
+    """The adapter for this config's structure; raises Unsupported with the reason."""
+    model_type = config.model_type
+    declared = DECLARED.get(model_type, Declared())
+    if declared.refuse:
+        raise Unsupported(declared.refuse)
+    if getattr(config, "is_encoder_decoder", False):
+        raise Unsupported("it is an encoder-decoder (two block stacks), which the generic adapter does not rebuild")
+    heads_key, heads = _config_value(config, "num_attention_heads")
+    layers_key, layers = _config_value(config, "num_hidden_layers")
+    hidden_key, hidden = _config_value(config, "hidden_size")
+    if not all(isinstance(v, int) and v > 0 for v in (heads, layers, hidden)):
+        raise Unsupported("its config has no single num_attention_heads / num_hidden_layers / hidden_size "
+                          f"(found {heads!r}, {layers!r}, {hidden!r})")
+    kv_key, kv = _config_value(config, "num_key_value_heads", "num_kv_heads")
+    if kv_key and getattr(config, "attribute_map", {}).get(kv_key) == getattr(config, "attribute_map", {}).get(
+            heads_key, heads_key):
+        kv_key = None  # an alias of the head count, not its own number
+    if kv_key and not getattr(config, "new_decoder_architecture", True):
+        kv_key = None  # Falcon's classic layout reads one KV head (multi_query) or one per head
+    kv = kv if kv_key and isinstance(kv, int) else heads
+    if model_type == "falcon" and not config.new_decoder_architecture:
+        kv = 1 if config.multi_query else heads
+        if config.multi_query:
+            raise Unsupported("its single shared key/value head (multi_query) cannot follow a new head count; "
+                              "only the new_decoder_architecture layout can")
+    base = _skeleton(config, cls)
+    paths = _stack(base, layers)
+    if not paths:
+        raise Unsupported(f"no ModuleList of {layers} identical blocks found (the config's num_hidden_layers)")
+    mlp_key, mlp_value = _config_value(config, *MLP_KEYS)
+    errors = []
+    for path in paths:
+        try:
+            found = read_block(base.get_submodule(path)[0], heads, kv, hidden,
+                               mlp_value if isinstance(mlp_value, int) else None, f"{path}.0")
+            break
+        except Unsupported as e:
+            errors.append(str(e))
+    else:
+        raise Unsupported(errors[0])
+    head_dim_key, head_dim_value = _config_value(config, "head_dim")
+    if not isinstance(head_dim_value, int) or isinstance(getattr(type(config), "head_dim", None), property):
+        head_dim_key = None
+    elif head_dim_value != found.head_dim:
+        raise Unsupported(f"its config's head_dim {head_dim_value} does not match its projections "
+                          f"({found.head_dim} per head)")
+    refuses = {}
+    if found.moe:
+        refuses["mlp"] = "would slice the experts of a mixture-of-experts MLP, which reshape copies unchanged"
+    elif found.mlp_out is None:
+        refuses["mlp"] = "found no MLP projections of the config's MLP width in its blocks"
+    elif mlp_key is None or (mlp_value is None and declared.mlp_ratio is None):
+        refuses["mlp"] = "its config has no MLP width to set"
+    mlp_default = found.mlp or (declared.mlp_ratio or 4) * hidden
+    aware = (not found.per_head and not any(h in n for n, _ in base.named_parameters() for h in PER_HEAD_HINTS) and not found.head_norms and not found.width_norms and not declared.interleaved
+             and kv == heads and not _has_positional_attention(config, base))
+    weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out,
+                           mlp_in=found.mlp_in, mlp_out=found.mlp_out or Proj(""),
+                           per_head=tuple(n for n, _ in found.per_head),
+                           per_head_axis=found.per_head[0][1] if found.per_head else 0,
+                           attn_norms=tuple(found.width_norms), interleaved=declared.interleaved)
+    keys = ConfigKeys(heads=heads_key, layers=layers_key, hidden=hidden_key, mlp=mlp_key or "intermediate_size",
+                      kv_heads=kv_key, head_dim=head_dim_key)
+    family = GenericFamily(model_type, paths[0], weights, _embeddings(base, paths), keys, found, declared,
+                           can_widen_attention=head_dim_key is not None, can_split_aware=aware, refuses=refuses,
+                           mlp_default=mlp_default)
+    family.outside = [(name, list(p.shape).index(heads)) for name, p in base.named_parameters()
+                      if not name.startswith(paths[0] + ".") and any(h in name for h in PER_HEAD_HINTS)
+                      and heads in p.shape]
+    return family
+
+
+def _has_positional_attention(config, base: nn.Module) -> bool:
+    """Rotary, ALiBi or relative positions inside the attention scores: the aware split's score form
+    x^T Wq^T Wk x does not describe them."""
+    if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return True
+    if getattr(config, "relative_attention", False) or getattr(config, "alibi", False):
+        return True
+    return any("rotary" in type(m).__name__.lower() or "rope" in type(m).__name__.lower()
+               for m in base.modules())
+
+
+class GenericTransformers:
+    """The registry entry: claims a transformers model or config whose structure `discover` reads."""
+
+    name = "auto"
+    covers = "any transformers model with a standard layout (block stack, Q/K/V/O projections)"
+    library = "transformers"
+
+    def claims(self, obj) -> bool:
+        return self.resolve(obj, quiet=True) is not None
+
+    def resolve(self, obj, quiet: bool = False) -> GenericFamily | None:
+        config = getattr(obj, "config", obj)
+        if not hasattr(config, "model_type") or not hasattr(config, "to_json_string"):
+            return None
+        try:
+            return _cached(config)
+        except Unsupported as e:
+            if quiet:
+                return None
+            raise fail("model", f"model_type {config.model_type!r}", f"is not supported: {e}",
+                       "try reshape.leaner on the torch.fx path, or open an issue at reshape's tracker with the "
+                       "printed module tree (print(model))") from None
+
+    def reason(self, obj) -> str | None:
+        config = getattr(obj, "config", obj)
+        try:
+            _cached(config)
+        except Unsupported as e:
+            return str(e)
+        return None
+
+
+def _cached(config) -> GenericFamily:
+    # The structure depends on the config only; a deep copy keeps the caller's config untouched.
+    key = config.to_json_string(use_diff=False)
+    if key not in _CACHE:
+        try:
+            _CACHE[key] = discover(copy.deepcopy(config))
+        except Unsupported as e:
+            _CACHE[key] = e
+    result = _CACHE[key]
+    if isinstance(result, Unsupported):
+        raise result
+    return result
+
+
+_CACHE: dict[str, GenericFamily | Unsupported] = {}
+
+GENERIC = GenericTransformers()
