@@ -46,6 +46,8 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     exists, else the paper's rule of thumb.
     """
     if not any(f.claims(model) for f in FAMILIES):  # no adapter knows it: rewrite its traced graph
+        if _is_transformers(model):  # torch.fx cannot trace transformers v5 models: say why none matched
+            find_family(model)
         from .fx import leaner as fx_leaner
 
         return fx_leaner(model, heads, depth, **options)
@@ -55,6 +57,10 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     covs = _input_covariances(model, spec, plan, calib)
     new, _ = rebuild(model, spec, plan, seed=seed, share_weights=False, input_covs=covs)
     return new
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "model_type") and hasattr(model, "base_model")
 
 
 def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:

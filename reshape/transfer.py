@@ -109,8 +109,6 @@ def widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) ->
             index.append(rows[role] + offset)
             offset += width[role]
         _select_out(layer, proj, torch.cat(index))
-    for norm in weights.attn_norms:  # a norm over the whole query (key) width follows its rows
-        _select_out(layer, norm, rows[norm.roles[0]])
     copies = torch.bincount(torch.tensor(q_heads), minlength=shape.heads)
     scale = (1.0 / copies[torch.tensor(q_heads)]).repeat_interleave(shape.head_dim)
     _select_in(layer, weights.attn_out, rows["q"], scale)

@@ -35,8 +35,6 @@ class BlockWeights:
     # Per-head parameters, e.g. XCiT's temperature: each new head takes its parent head's.
     per_head: tuple[str, ...] = ()
     per_head_axis: int = 0  # their heads axis (Swin's relative position bias table has heads last)
-    # Norms over the whole query or key width (OLMo-2's q_norm): one entry per output unit of that role.
-    attn_norms: tuple[Proj, ...] = ()
     # Fused Q/K/V rows grouped per KV head as [q heads of the group, k, v] (GPT-NeoX, BLOOM, Falcon),
     # instead of [all q; all k; all v].
     interleaved: bool = False

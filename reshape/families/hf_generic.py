@@ -234,6 +234,7 @@ class GenericFamily(HFFamily):
         self.refuses = refuses
         self.mlp_default = mlp_default
         self.outside: list[tuple[str, int]] = []  # per-head tensors outside the stack (name under base, axis)
+        self.first_block_differs = ""  # a parameter that layer 0 lacks or alone has (ModernBERT's attn_norm)
 
     def shape(self, config) -> Shape:
         k = self.keys
@@ -249,6 +250,10 @@ class GenericFamily(HFFamily):
             return Problem("heads", plan.heads, f"changes the head dim {shape.head_dim} in keep-width mode, and the "
                            f"q/k norms ({', '.join(self.found.head_norms)}) are learnt over the head dim",
                            f"pass --keep-head-dim, or keep {shape.heads} heads")
+        if self.first_block_differs and 0 not in plan.keep:
+            return Problem("keep", ",".join(map(str, plan.keep)), f"drops layer 0, whose block differs from the others "
+                           f"(it has no {self.first_block_differs}), so no other layer can take its place",
+                           "keep layer 0 (--select uniform or first, or list 0 in --keep)")
         return None
 
     def new_config(self, config, shape, plan):
@@ -360,12 +365,17 @@ def discover(config, cls=None) -> GenericFamily:
                            mlp_in=found.mlp_in, mlp_out=found.mlp_out or Proj(""),
                            per_head=tuple(n for n, _ in found.per_head),
                            per_head_axis=found.per_head[0][1] if found.per_head else 0,
-                           attn_norms=tuple(found.width_norms), interleaved=declared.interleaved)
+                           interleaved=declared.interleaved)
     keys = ConfigKeys(heads=heads_key, layers=layers_key, hidden=hidden_key, mlp=mlp_key or "intermediate_size",
                       kv_heads=kv_key, head_dim=head_dim_key)
     family = GenericFamily(model_type, paths[0], weights, _embeddings(base, paths), keys, found, declared,
-                           can_widen_attention=head_dim_key is not None, can_split_aware=aware, refuses=refuses,
+                           # a norm over all heads' width would have to grow with them
+                           can_widen_attention=head_dim_key is not None and not found.width_norms, can_split_aware=aware, refuses=refuses,
                            mlp_default=mlp_default)
+    blocks = base.get_submodule(paths[0])
+    if len(blocks) > 1:
+        first, second = ({n for n, _ in b.named_parameters()} for b in (blocks[0], blocks[1]))
+        family.first_block_differs = ", ".join(sorted(first ^ second))
     family.outside = [(name, list(p.shape).index(heads)) for name, p in base.named_parameters()
                       if not name.startswith(paths[0] + ".") and any(h in name for h in PER_HEAD_HINTS)
                       and heads in p.shape]
@@ -403,8 +413,8 @@ class GenericTransformers:
             if quiet:
                 return None
             raise fail("model", f"model_type {config.model_type!r}", f"is not supported: {e}",
-                       "try reshape.leaner on the torch.fx path, or open an issue at reshape's tracker with the "
-                       "printed module tree (print(model))") from None
+                       "open an issue at reshape's tracker with the printed module tree (print(model)), or "
+                       "register an adapter with reshape.families.register") from None
 
     def reason(self, obj) -> str | None:
         config = getattr(obj, "config", obj)

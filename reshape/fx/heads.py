@@ -16,8 +16,9 @@ those arguments and every constant softmax scale (scaled by sqrt(old/new head di
 becomes 1/sqrt(d_new) and custom scales keep their ratio to it). Keep-head-dim also needs the
 projections (`projections`): the Linear(s) whose rows the head split reads (one fused Linear viewed
 as (..., 3, heads, head dim) or split/chunked into q, k, v, or three Linears) and the Linear that
-reads the merged heads. Anything it cannot account for — learned per-head biases, norms or rotary
-positions over the head dim, computed head counts, projections it cannot pin down — is an error
+reads the merged heads. A learned bias added to the scores (relative position tables, LeViT's
+attention biases) holds one value per source head: every new head adds its parent head's (`per_head`).
+Anything it cannot account for — norms or rotary positions over the head dim, computed head counts, projections it cannot pin down — is an error
 naming the node, never a silent guess.
 """
 
@@ -70,6 +71,9 @@ class Site:
     head_dim: int
     splits: list[Split] = field(default_factory=list)  # q, k, v
     scales: list[tuple[fx.Node, int]] = field(default_factory=list)  # (node, arg index) of constant scales
+    # (node, arg index or kwarg name) of learned biases added to the scores (relative position biases,
+    # LeViT's attention biases): one value per source head, which each new head inherits from its parent.
+    biases: list[tuple[fx.Node, int | str]] = field(default_factory=list)
 
     @property
     def width(self) -> int:
@@ -234,11 +238,21 @@ def _width_of(gm, view: fx.Node) -> int | None:
         if _is(parent, "call_method", {"chunk"}) and isinstance(_module(gm, parent.args[0]), nn.Linear):
             return _module(gm, parent.args[0]).out_features // parent.args[1]
     linear = _module(gm, src)
-    return linear.out_features if isinstance(linear, nn.Linear) else None
+    if isinstance(linear, nn.Linear):
+        width = linear.out_features
+    elif _is(src, "call_function", {F.linear}) and isinstance(
+            weight := src.args[1] if len(src.args) > 1 else src.kwargs.get("weight"), fx.Node) and weight.op == "get_attr":
+        width = getattr_path(gm, weight.target).shape[0]  # F.linear(x, self.qkv.weight, bias): BEiT, EVA
+    else:
+        return None
+    args = _shape_args(view)
+    if len(args) == 5 and args[2] == 3:  # (batch, tokens, 3, heads, head dim): q, k and v share the rows
+        width //= 3
+    return width
 
 
-def _scores_path(gm, softmax: fx.Node, scales: list) -> fx.Node:
-    """From a softmax back to the q @ k^T that feeds it, recording constant scales; refuse learned biases."""
+def _scores_path(gm, softmax: fx.Node, scales: list, biases: list) -> fx.Node:
+    """From a softmax back to the q @ k^T that feeds it, recording constant scales and learned biases."""
     node = softmax.args[0]
     while not (_is(node, "call_function", MATMUL) or _is(node, "call_method", {"matmul"})):
         if _is(node, "call_function", {operator.mul, operator.truediv}) or _is(node, "call_method", {"mul", "div"}):
@@ -250,8 +264,7 @@ def _scores_path(gm, softmax: fx.Node, scales: list) -> fx.Node:
         elif _is(node, "call_function", {operator.add}) or _is(node, "call_method", {"masked_fill", "add"}):
             other = node.args[1] if isinstance(node.args[1], fx.Node) else None
             if other is not None and _uses_params(gm, other):
-                raise Unsupported(f"adds a learned bias to its scores at {node.name}, which holds one value per "
-                                  "source head")
+                biases.append((node, 1))
         elif not (_is(node, "call_method", PASS_METHODS) or isinstance(_module(gm, node), PASS_MODULES)):
             raise Unsupported(f"computes its scores through {node.name}, which reshape cannot follow")
         node = node.args[0]
@@ -284,31 +297,63 @@ def locate(gm: fx.GraphModule) -> list[Site]:
             q, k, v = (node.args[i] if len(node.args) > i else node.kwargs[n]
                        for i, n in enumerate(("query", "key", "value")))
             mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            if isinstance(mask, fx.Node) and _uses_params(gm, mask):
-                raise Unsupported(f"passes a learned attention bias to {node.name}, which holds one value per "
-                                  "source head")
+            biases = []
+            if isinstance(mask, fx.Node) and _uses_params(gm, mask):  # a learned bias, e.g. relative positions
+                biases.append((node, 3 if len(node.args) > 3 else "attn_mask"))
             splits = [_split(gm, q, -1, scales), _split(gm, k, -1, scales), _split(gm, v, -1, scales)]
             if isinstance(node.kwargs.get("scale"), (int, float)):
                 scales.append((node, "scale"))
-            sites.append(_site("sdpa", gm, node, splits, scales))
+            sites.append(_site("sdpa", gm, node, splits, scales, biases))
         elif _is(node, "call_function", SOFTMAX) or _is(node, "call_method", {"softmax"}):
-            scales = []
-            scores = _scores_path(gm, node, scales)
+            scales, biases = [], []
+            scores = _scores_path(gm, node, scales, biases)
             values = _value_matmul(gm, node)
             splits = [_split(gm, scores.args[0], -1, scales), _split(gm, scores.args[1], -2, scales),
                       _split(gm, values.args[1], -1, scales)]
-            sites.append(_site("matmul", gm, node, splits, scales))
+            sites.append(_site("matmul", gm, node, splits, scales, biases))
     return sites
 
 
-def _site(kind, gm, node, splits, scales) -> Site:
+def _site(kind, gm, node, splits, scales, biases=()) -> Site:
     (heads, head_dim), (kv_heads, _), _ = (_heads_and_dim(s) for s in splits)
     if head_dim is None:
         width = _width_of(gm, splits[0].view)
         if width is None or width % heads:
             raise Unsupported(f"splits heads at {splits[0].view.name} with a head dim computed at run time")
         head_dim = width // heads
-    return Site(kind, node, heads, kv_heads, head_dim, splits, scales)
+    if biases and any(split.ndim != 4 for split in splits):
+        raise Unsupported(f"adds a learned bias to its scores at {biases[0][0].name} with its heads folded into "
+                          "another axis, so reshape cannot tell which values belong to which head")
+    return Site(kind, node, heads, kv_heads, head_dim, splits, scales, list(biases))
+
+
+def per_head(bias: torch.Tensor, heads: int, parents: list[int]) -> torch.Tensor:
+    """A score bias for the new heads: each takes its parent head's values (`parents[j]`: the source head
+    of new head j). The heads axis is -3, as in the (batch, heads, queries, keys) scores; a bias without
+    one (size 1 there, or fewer axes) is shared by every head and stays."""
+    if bias.dim() < 3 or bias.size(-3) != heads or heads == 1:
+        return bias
+    return bias.index_select(-3, torch.tensor(parents, device=bias.device))
+
+
+def _inherit_biases(gm: fx.GraphModule, site: Site, parents: list[int]) -> None:
+    """Route every learned score bias of `site` through `per_head`, so each new head adds its parent's."""
+    for node, where in site.biases:
+        bias = node.args[where] if isinstance(where, int) else node.kwargs[where]
+        with gm.graph.inserting_before(node):
+            inherited = gm.graph.call_function(per_head, (bias, site.heads, parents))
+        if isinstance(where, int):
+            node.args = (*node.args[:where], inherited, *node.args[where + 1:])
+        else:
+            node.kwargs = {**node.kwargs, where: inherited}
+
+
+def check_biases(site: Site, heads: int, keep_head_dim: bool) -> str | None:
+    """Why `heads` cannot take this attention's per-head biases, or None."""
+    if site.biases and not keep_head_dim and heads % site.heads:
+        return (f"adds a learned bias per head to its scores ({site.biases[0][0].name}); in keep-width mode a new "
+                f"head count must be a multiple of {site.heads} so each new head has one parent head")
+    return None
 
 
 def reshape_heads(gm: fx.GraphModule, sites: list[Site], heads: int) -> fx.GraphModule:
@@ -318,6 +363,8 @@ def reshape_heads(gm: fx.GraphModule, sites: list[Site], heads: int) -> fx.Graph
     for site in sites:
         ratio = Fraction(heads, site.heads)  # new heads per old head
         new_dim = Fraction(site.head_dim) / ratio
+        if site.biases:  # contiguous split: new head j holds features of old head j // ratio
+            _inherit_biases(gm, site, [int(j / ratio) for j in range(heads)])
         if site.kind == "mha":
             module = gm.get_submodule(site.node.target)
             module.num_heads, module.head_dim = heads, int(new_dim)
@@ -543,6 +590,8 @@ def widen_heads(gm: fx.GraphModule, sites: list[Site], heads: int) -> fx.GraphMo
                       hidden=site.width, mlp=0)
         new = target_shape(shape, Plan(heads, keep=(0,), head_mode="keep-head-dim"))
         _widen_linears(gm, proj, shape, new)
+        if site.biases:  # each new head copies a source head's projections, and takes its bias too
+            _inherit_biases(gm, site, transfer.head_sources(shape, new.heads))
         for split, role in zip(site.splits, "qkv"):  # a fused view is set three times, to the same values
             # Constants replace whatever computed them (e.g. `C // n_head`, C the model width): the
             # weights now fix the head count and the head dim.

@@ -15,7 +15,7 @@ from ..errors import fail
 from ..plan import MIN_HEAD_DIM, Plan, Shape, make_plan
 from ..summary import count_params
 from .depth import keep_blocks
-from .heads import Site, Unsupported, check_heads, locate, projections, reshape_heads, widen_heads
+from .heads import Site, Unsupported, check_biases, check_heads, locate, projections, reshape_heads, widen_heads
 from .stack import Stack, block_nodes, find_stack
 from .tracer import default_concrete_args, trace
 
@@ -131,6 +131,9 @@ def plan_fx(model: nn.Module, heads: int | None, depth: int | None, leaf_modules
                      force=options.get("force", False), can_split_aware=False)
     if site is not None and plan.head_mode == "keep-head-dim" and plan.heads != site.heads:
         check_widening(site, stack.names[0])
+    if site is not None and (why := check_biases(site, plan.heads, plan.head_mode == "keep-head-dim")):
+        raise fail("heads", heads, f"cannot be set: in block {stack.names[0]}, its attention {why}",
+                   f"use a multiple of {site.heads}, or --keep-head-dim")
     if site is None:
         plan = replace(plan, heads=0)  # unknown, and left as it is
     return Planned(plan, shape, gm, stack)

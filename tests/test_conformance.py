@@ -1,0 +1,242 @@
+"""The coverage matrix as a test: every covered transformers model type, as a tiny random config built in
+code, goes through the same checks. Adding an architecture means adding one line to COVERED.
+
+Checks: a no-op plan reproduces the outputs; doubled heads and two thirds of the depth run; the exact
+parameter count (kept blocks + everything outside the stack, per-head tensors scaled by the head
+count); keep-head-dim reproduces the outputs where the config can express it; the saved folder reloads
+with plain transformers in a process that never imports reshape and gives identical outputs.
+Per-head rules (bias inheritance, q/k norms, MoE experts, interleaved fused Q/K/V, per-layer config)
+have their own tests below, each of which fails if its rule is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import reshape
+from reshape.errors import ReshapeError
+from reshape.families import find_family
+from reshape.testing import tiny_inputs, tiny_model
+
+# model type -> head mode for doubling the heads ("keep-width", or "keep-head-dim" where q/k norms
+# over the head dim forbid changing it).
+COVERED = {
+    "bert": "keep-width", "roberta": "keep-width", "xlm-roberta": "keep-width", "camembert": "keep-width",
+    "distilbert": "keep-width", "electra": "keep-width", "deberta": "keep-width", "deberta-v2": "keep-width",
+    "modernbert": "keep-width", "mpnet": "keep-width",
+    "gpt2": "keep-width", "gpt_neo": "keep-width", "gpt_neox": "keep-width", "gptj": "keep-width",
+    "opt": "keep-width", "bloom": "keep-width", "falcon": "keep-width", "phi": "keep-width", "phi3": "keep-width",
+    "llama": "keep-width", "mistral": "keep-width", "mixtral": "keep-width", "qwen2": "keep-width",
+    "qwen2_moe": "keep-width", "qwen3": "keep-head-dim", "gemma": "keep-width", "gemma2": "keep-width",
+    "gemma3_text": "keep-head-dim", "olmo": "keep-width", "olmo2": "keep-width", "stablelm": "keep-width",
+    "starcoder2": "keep-width", "cohere": "keep-width", "granite": "keep-width", "smollm3": "keep-width",
+    "vit": "keep-width", "deit": "keep-width", "beit": "keep-width", "dinov2": "keep-width",
+    "clip_vision_model": "keep-width", "siglip_vision_model": "keep-width",
+}
+REFUSED = {"convnext": "no single num_attention_heads"}
+
+
+def output(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def plan_of(model_type: str, model) -> dict:
+    shape = find_family(model).shape(model.config)
+    return dict(heads=2 * shape.heads, depth=-(-2 * shape.layers // 3),
+                keep_head_dim=COVERED[model_type] == "keep-head-dim")
+
+
+def expected_params(model, new_heads: int, keep: tuple[int, ...]) -> int:
+    """Parameters of the planned keep-width model counted from the source: everything outside the block
+    stack, plus the kept blocks, with per-head tensors (bias tables) growing with the heads."""
+    family = find_family(model)
+    layers = family.layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    per_head = set(family.weights.per_head)
+    outside_per_head = set(family.outside_per_head(model))
+    ratio = new_heads / family.shape(model.config).heads
+    total = 0
+    for name, p in model.named_parameters():
+        if id(p) not in inside:
+            total += int(p.numel() * (ratio if name in outside_per_head else 1))
+    for index in keep:
+        for name, p in layers[index].named_parameters():
+            total += int(p.numel() * (ratio if name in per_head else 1))
+    return total
+
+
+@pytest.mark.parametrize("model_type", sorted(COVERED))
+class TestConformance:
+    def test_noop_plan_reproduces_outputs(self, model_type):
+        model = tiny_model(model_type)
+        shape = find_family(model).shape(model.config)
+        same = reshape.leaner(model, heads=shape.heads, depth=shape.layers)
+        inputs = tiny_inputs(model)
+        torch.testing.assert_close(output(same, inputs), output(model, inputs))
+
+    def test_doubled_heads_and_two_thirds_depth(self, model_type):
+        model = tiny_model(model_type)
+        plan = plan_of(model_type, model)
+        new = reshape.leaner(model, **plan)
+        shape = find_family(new).shape(new.config)
+        assert (shape.heads, shape.layers) == (plan["heads"], plan["depth"])
+        inputs = tiny_inputs(model)
+        assert output(new, inputs).shape == output(model, inputs).shape
+        assert torch.isfinite(output(new, inputs)).all()
+
+    def test_exact_parameter_count(self, model_type):
+        model = tiny_model(model_type)
+        if COVERED[model_type] == "keep-head-dim":
+            pytest.skip("keep-width is refused for q/k norms over the head dim; keep-head-dim is checked below")
+        plan = plan_of(model_type, model)
+        new = reshape.leaner(model, heads=plan["heads"], depth=plan["depth"], head_split="contiguous")
+        keep = reshape.pipeline.plan_for(find_family(model).spec(model), plan["heads"], plan["depth"]).keep
+        assert sum(p.numel() for p in new.parameters()) == expected_params(model, plan["heads"], keep)
+
+    def test_keep_head_dim_reproduces_outputs(self, model_type):
+        model = tiny_model(model_type)
+        family = find_family(model)
+        if not family.can_widen_attention:
+            with pytest.raises(ReshapeError, match="keep-head-dim|head_mode"):
+                reshape.leaner(model, heads=2 * family.shape(model.config).heads, keep_head_dim=True)
+            return
+        shape = family.shape(model.config)
+        wide = reshape.leaner(model, heads=2 * shape.heads, depth=shape.layers, keep_head_dim=True)
+        inputs = tiny_inputs(model)
+        torch.testing.assert_close(output(wide, inputs), output(model, inputs), atol=1e-5, rtol=1e-4)
+
+
+RELOAD = """
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+for job in json.loads(sys.argv[1]):
+    model = AutoModel.from_pretrained(job["folder"]).eval()
+    with torch.no_grad():
+        out = model(**load_file(job["inputs"]))
+    out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    save_file({"out": out.contiguous()}, job["result"])
+assert not any(name.split(".")[0] == "reshape" for name in sys.modules), "reshape was imported"
+"""
+
+
+def test_every_covered_type_reloads_with_plain_transformers(tmp_path):
+    jobs, expected = [], {}
+    for model_type in sorted(COVERED):
+        model = tiny_model(model_type)
+        source = tmp_path / f"{model_type}-source"
+        model.save_pretrained(source)
+        out = tmp_path / model_type
+        reshape.convert(str(source), out, **plan_of(model_type, model))
+        inputs = tiny_inputs(model)
+        save_file(inputs, tmp_path / f"{model_type}-inputs.safetensors")
+        with torch.no_grad():
+            expected[model_type] = output(reshape.load(out), inputs)
+        jobs.append({"folder": str(out), "inputs": str(tmp_path / f"{model_type}-inputs.safetensors"),
+                     "result": str(tmp_path / f"{model_type}-out.safetensors")})
+    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs)], check=True, cwd=tmp_path)
+    for model_type, job in zip(sorted(COVERED), jobs):
+        torch.testing.assert_close(load_file(job["result"])["out"], expected[model_type], msg=model_type)
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_non_transformers_are_refused_in_one_line(model_type):
+    with pytest.raises(ReshapeError, match=REFUSED[model_type]) as e:
+        reshape.leaner(tiny_model(model_type), heads=8)
+    assert "\n" not in str(e.value)
+
+
+# --- per-head rules -------------------------------------------------------------------------------
+
+
+def test_relative_position_bias_tables_follow_their_parent_heads():
+    # BEiT keeps a table per layer, heads last; MPNet one shared table outside the stack.
+    for model_type, key in (("beit", "layers.{}.relative_position_bias.relative_position_bias_table"),
+                            ("mpnet", "encoder.relative_attention_bias.weight")):
+        model = tiny_model(model_type)
+        new = reshape.leaner(model, heads=8, keep=[0, 5])
+        old, now = model.state_dict(), new.state_dict()
+        for new_index, old_index in enumerate([0, 5]):
+            before, after = old[key.format(old_index)], now[key.format(new_index)]
+            assert after.shape == (before.shape[0], 8)
+            # Child head j of 8 at the same width lies inside parent head j // 2 of 4.
+            assert torch.equal(after, before[:, [j // 2 for j in range(8)]]), model_type
+
+
+def test_qk_norms_over_the_head_dim_refuse_keep_width_and_stay_with_keep_head_dim():
+    model = tiny_model("qwen3")
+    with pytest.raises(ReshapeError, match=r"q/k norms \(self_attn.q_norm, self_attn.k_norm\).*--keep-head-dim"):
+        reshape.leaner(model, heads=8, depth=4)
+    wide = reshape.leaner(model, heads=8, depth=6, keep_head_dim=True)
+    assert torch.equal(wide.state_dict()["layers.0.self_attn.q_norm.weight"],
+                       model.state_dict()["layers.0.self_attn.q_norm.weight"])
+
+
+def test_moe_experts_are_copied_unchanged_and_mlp_is_refused():
+    model = tiny_model("mixtral")
+    new = reshape.leaner(model, heads=8, keep=[1, 4], keep_head_dim=True)
+    old, now = model.state_dict(), new.state_dict()
+    for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"):
+        assert torch.equal(now[f"layers.1.{name}"], old[f"layers.4.{name}"])
+    with pytest.raises(ReshapeError, match="mlp=48: would slice the experts"):
+        reshape.leaner(model, heads=8, mlp=48)
+
+
+def test_a_first_block_unlike_the_others_must_be_kept():
+    # ModernBERT's layer 0 has no attention norm (the embeddings end in one): no later layer can replace it.
+    with pytest.raises(ReshapeError, match="keep=1,2,5: drops layer 0, whose block differs .*attn_norm"):
+        reshape.leaner(tiny_model("modernbert"), heads=8, keep=[1, 2, 5])
+
+
+@pytest.mark.parametrize("model_type,key", [("gpt_neox", "layers.{}.attention.query_key_value.weight"),
+                                            ("bloom", "h.{}.self_attention.query_key_value.weight")])
+def test_interleaved_fused_qkv_keeps_each_role_in_place(model_type, key):
+    """GPT-NeoX and BLOOM store fused rows per head as [q_h, k_h, v_h]. Re-read at 8 heads (keep-width),
+    the query, key and value matrices must be the same matrices, split into narrower heads."""
+    model = tiny_model(model_type)
+    new = reshape.leaner(model, heads=8, keep=[0, 2], head_split="contiguous")
+
+    def roles(weight, heads):  # [heads, 3, head_dim, in] -> q, k, v as [width, in]
+        return [weight.view(heads, 3, -1, weight.shape[-1])[:, r].reshape(-1, weight.shape[-1]) for r in range(3)]
+
+    for new_index, old_index in enumerate([0, 2]):
+        before = roles(model.state_dict()[key.format(old_index)], 4)
+        after = roles(new.state_dict()[key.format(new_index)], 8)
+        for b, a in zip(before, after):
+            assert torch.equal(a, b)
+
+
+def test_grouped_fused_qkv_keeps_each_role_in_place():
+    """Falcon's new layout groups rows per KV head: [q heads of the group, k, v]."""
+    model = tiny_model("falcon")  # 4 heads, 2 KV heads
+    new = reshape.leaner(model, heads=8, keep=[0, 2], head_split="contiguous")  # 8 heads, 4 KV heads
+
+    def roles(weight, kv):  # rows as [kv, 2 query heads + k + v, head_dim]
+        groups = weight.view(kv, 4, -1, weight.shape[-1])
+        q = groups[:, :2].reshape(-1, weight.shape[-1])
+        return q, groups[:, 2].reshape(-1, weight.shape[-1]), groups[:, 3].reshape(-1, weight.shape[-1])
+
+    key = "h.{}.self_attention.query_key_value.weight"
+    for new_index, old_index in enumerate([0, 2]):
+        for b, a in zip(roles(model.state_dict()[key.format(old_index)], 2),
+                        roles(new.state_dict()[key.format(new_index)], 4)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "modernbert", "gpt_neo"])
+def test_per_layer_config_follows_the_kept_layers(model_type):
+    model = tiny_model(model_type)
+    new = reshape.leaner(model, heads=8, keep=[0, 2, 5])
+    key = "attention_layers" if model_type == "gpt_neo" else "layer_types"
+    assert getattr(new.config, key) == [getattr(model.config, key)[i] for i in (0, 2, 5)]
+    assert len(set(getattr(new.config, key))) == 2  # the tiny configs alternate two kinds
+    inputs = tiny_inputs(model)
+    assert output(new, inputs).shape == output(model, inputs).shape
