@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
+from reshape.stages import StagedShape
 from reshape.testing import tiny_inputs, tiny_model
 
 # model type -> head mode for doubling the heads ("keep-width", or "keep-head-dim" where q/k norms
@@ -38,6 +39,7 @@ COVERED = {
     "starcoder2": "keep-width", "cohere": "keep-width", "granite": "keep-width", "smollm3": "keep-width",
     "vit": "keep-width", "deit": "keep-width", "beit": "keep-width", "dinov2": "keep-width",
     "clip_vision_model": "keep-width", "siglip_vision_model": "keep-width",
+    "t5": "keep-width", "bart": "keep-width", "whisper": "keep-width",
 }
 REFUSED = {"convnext": "no single num_attention_heads"}
 
@@ -47,28 +49,47 @@ def output(model, inputs) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def stacks(model) -> list[tuple[torch.nn.Module, object]]:
+    """(block stack, Shape) of each stack: one, or an encoder-decoder's two."""
+    family = find_family(model)
+    shape = family.shape(model.config)
+    if isinstance(shape, StagedShape):
+        base = model.base_model
+        return [(base.get_submodule(path), s) for path, s in zip(family.stacks, shape.stages)]
+    return [(family.layers(model), shape)]
+
+
+def per_stack(values: list[int]):
+    return values if len(values) > 1 else values[0]
+
+
 def plan_of(model_type: str, model) -> dict:
-    shape = find_family(model).shape(model.config)
-    return dict(heads=2 * shape.heads, depth=-(-2 * shape.layers // 3),
+    shapes = [s for _, s in stacks(model)]
+    return dict(heads=per_stack([2 * s.heads for s in shapes]), depth=per_stack([-(-2 * s.layers // 3) for s in shapes]),
                 keep_head_dim=COVERED[model_type] == "keep-head-dim")
 
 
-def expected_params(model, new_heads: int, keep: tuple[int, ...]) -> int:
+def noop_plan(model) -> dict:
+    shapes = [s for _, s in stacks(model)]
+    return dict(heads=per_stack([s.heads for s in shapes]), depth=per_stack([s.layers for s in shapes]))
+
+
+def expected_params(model, plan) -> int:
     """Parameters of the planned keep-width model counted from the source: everything outside the block
-    stack, plus the kept blocks, with per-head tensors (bias tables) growing with the heads."""
+    stacks, plus the kept blocks, with per-head tensors (bias tables) growing with the heads."""
     family = find_family(model)
-    layers = family.layers(model)
-    inside = {id(p) for p in layers.parameters()}
+    keeps = plan.keep if isinstance(plan.keep[0], list) else [plan.keep]
+    heads = plan.heads if isinstance(plan.heads, list) else [plan.heads]
+    inside = {id(p) for stack, _ in stacks(model) for p in stack.parameters()}
     per_head = set(family.weights.per_head)
     outside_per_head = set(family.outside_per_head(model))
-    ratio = new_heads / family.shape(model.config).heads
-    total = 0
-    for name, p in model.named_parameters():
-        if id(p) not in inside:
-            total += int(p.numel() * (ratio if name in outside_per_head else 1))
-    for index in keep:
-        for name, p in layers[index].named_parameters():
-            total += int(p.numel() * (ratio if name in per_head else 1))
+    ratio = heads[0] / stacks(model)[0][1].heads
+    total = sum(int(p.numel() * (ratio if name in outside_per_head else 1))
+                for name, p in model.named_parameters() if id(p) not in inside)
+    for (stack, shape), keep, new_heads in zip(stacks(model), keeps, heads):
+        for index in keep:
+            for name, p in stack[index].named_parameters():
+                total += int(p.numel() * (new_heads / shape.heads if name in per_head else 1))
     return total
 
 
@@ -76,8 +97,7 @@ def expected_params(model, new_heads: int, keep: tuple[int, ...]) -> int:
 class TestConformance:
     def test_noop_plan_reproduces_outputs(self, model_type):
         model = tiny_model(model_type)
-        shape = find_family(model).shape(model.config)
-        same = reshape.leaner(model, heads=shape.heads, depth=shape.layers)
+        same = reshape.leaner(model, **noop_plan(model))
         inputs = tiny_inputs(model)
         torch.testing.assert_close(output(same, inputs), output(model, inputs))
 
@@ -85,8 +105,9 @@ class TestConformance:
         model = tiny_model(model_type)
         plan = plan_of(model_type, model)
         new = reshape.leaner(model, **plan)
-        shape = find_family(new).shape(new.config)
-        assert (shape.heads, shape.layers) == (plan["heads"], plan["depth"])
+        shapes = [s for _, s in stacks(new)]
+        assert per_stack([s.heads for s in shapes]) == plan["heads"]
+        assert per_stack([s.layers for s in shapes]) == plan["depth"]
         inputs = tiny_inputs(model)
         assert output(new, inputs).shape == output(model, inputs).shape
         assert torch.isfinite(output(new, inputs)).all()
@@ -97,15 +118,15 @@ class TestConformance:
             pytest.skip("keep-width is refused for q/k norms over the head dim; keep-head-dim is checked below")
         plan = plan_of(model_type, model)
         new = reshape.leaner(model, heads=plan["heads"], depth=plan["depth"], head_split="contiguous")
-        keep = reshape.pipeline.plan_for(find_family(model).spec(model), plan["heads"], plan["depth"]).keep
-        assert sum(p.numel() for p in new.parameters()) == expected_params(model, plan["heads"], keep)
+        resolved = reshape.pipeline.plan_for(find_family(model).spec(model), plan["heads"], plan["depth"])
+        assert sum(p.numel() for p in new.parameters()) == expected_params(model, resolved)
 
     def test_keep_head_dim_reproduces_outputs(self, model_type):
         model = tiny_model(model_type)
         family = find_family(model)
         if not family.can_widen_attention:
             with pytest.raises(ReshapeError, match="keep-head-dim|head_mode"):
-                reshape.leaner(model, heads=2 * family.shape(model.config).heads, keep_head_dim=True)
+                reshape.leaner(model, **{**plan_of(model_type, model), "keep_head_dim": True})
             return
         shape = family.shape(model.config)
         wide = reshape.leaner(model, heads=2 * shape.heads, depth=shape.layers, keep_head_dim=True)
@@ -169,6 +190,34 @@ def test_relative_position_bias_tables_follow_their_parent_heads():
             assert after.shape == (before.shape[0], 8)
             # Child head j of 8 at the same width lies inside parent head j // 2 of 4.
             assert torch.equal(after, before[:, [j // 2 for j in range(8)]]), model_type
+
+
+def test_t5_relative_attention_bias_follows_its_parent_heads_in_both_stacks():
+    model = tiny_model("t5")
+    new = reshape.leaner(model, heads=[8, 8], depth=[3, 2])
+    old, now = model.state_dict(), new.state_dict()
+    for stack in ("encoder", "decoder"):
+        key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        assert torch.equal(now[key], old[key][:, [j // 2 for j in range(8)]])
+    assert new.config.d_kv == 8 and (new.config.num_layers, new.config.num_decoder_layers) == (3, 2)
+    with pytest.raises(ReshapeError, match="heads=8,4: differs between the stacks.*one head count \\(num_heads\\)"):
+        reshape.leaner(model, heads=[8, 4], depth=[3, 2])
+    with pytest.raises(ReshapeError, match="drops a stack's first block"):
+        reshape.leaner(model, heads=[8, 8], depth=[3, 2], select="last")
+
+
+def test_encoder_decoder_stacks_take_their_own_heads_and_depth():
+    model = tiny_model("bart")
+    new = reshape.leaner(model, heads=[8, 2], depth=[2, 4], allow_fewer_heads=True)
+    assert (new.config.encoder_attention_heads, new.config.decoder_attention_heads) == (8, 2)
+    assert (len(new.encoder.layers), len(new.decoder.layers)) == (2, 4)
+    # Kept blocks keep their weights: the decoder's cross-attention included (its heads are re-read).
+    keep = reshape.select_layers(6, 4, "uniform")
+    for new_index, old_index in enumerate(keep):
+        for name, tensor in model.decoder.layers[old_index].state_dict().items():
+            assert torch.equal(new.decoder.layers[new_index].state_dict()[name], tensor), name
+    with pytest.raises(ReshapeError, match="heads=8: is a single number, and auto:bart has 2 stages"):
+        reshape.leaner(model, heads=8, depth=[2, 4])
 
 
 def test_qk_norms_over_the_head_dim_refuse_keep_width_and_stay_with_keep_head_dim():

@@ -311,7 +311,7 @@ def discover(config, cls=None) -> GenericFamily:
     if declared.refuse:
         raise Unsupported(declared.refuse)
     if getattr(config, "is_encoder_decoder", False):
-        raise Unsupported("it is an encoder-decoder (two block stacks), which the generic adapter does not rebuild")
+        return discover_seq2seq(config, cls)
     heads_key, heads = _config_value(config, "num_attention_heads")
     layers_key, layers = _config_value(config, "num_hidden_layers")
     hidden_key, hidden = _config_value(config, "hidden_size")
@@ -380,6 +380,96 @@ def discover(config, cls=None) -> GenericFamily:
                       if not name.startswith(paths[0] + ".") and any(h in name for h in PER_HEAD_HINTS)
                       and heads in p.shape]
     return family
+
+
+# Encoder-decoders: per stack, the config keys of (layers, heads, MLP width).
+SEQ2SEQ_KEYS = [
+    (("encoder_layers", "encoder_attention_heads", "encoder_ffn_dim"),
+     ("decoder_layers", "decoder_attention_heads", "decoder_ffn_dim")),  # BART, Whisper, Marian, mBART, ...
+    (("num_layers", "num_heads", "d_ff"), ("num_decoder_layers", "num_heads", "d_ff")),  # T5, mT5, LongT5
+]
+
+
+class Seq2SeqFamily(GenericFamily):
+    """An encoder-decoder: two block stacks, planned like the stages of a hierarchical model
+    (`--depth ENC,DEC --heads ENC,DEC`, see reshape/stages.py). Cross-attention takes the decoder's
+    head count. Heads are re-read at the same width (keep-width, contiguous); the per-head relative
+    attention bias (T5, in each stack's first block) follows its parent heads."""
+
+    def __init__(self, model_type, stacks, stack_keys, hidden_key, weights, embeddings, found):
+        super().__init__(model_type, stacks[0], weights, embeddings, ConfigKeys(), found, Declared(),
+                         can_widen_attention=False, can_split_aware=False,
+                         refuses={"mlp": "would slice the MLPs of two stacks, which reshape does not do for "
+                                         "encoder-decoders"}, mlp_default=found.mlp)
+        self.stacks = stacks  # paths from the base model, encoder first
+        self.stack_keys = stack_keys
+        self.hidden_key = hidden_key
+
+    def shape(self, config) -> StagedShape:
+        hidden = getattr(config, self.hidden_key)
+        shapes = []
+        for layers_key, heads_key, mlp_key in self.stack_keys:
+            heads = getattr(config, heads_key)
+            head_dim = getattr(config, "d_kv", None) or hidden // heads
+            shapes.append(Shape(layers=getattr(config, layers_key), heads=heads, kv_heads=heads, head_dim=head_dim,
+                                hidden=hidden, mlp=getattr(config, mlp_key)))
+        return StagedShape(tuple(shapes))
+
+    def stage_prefixes(self, model) -> list[str]:
+        base = model.base_model
+        prefix = next((f"{name}." for name, m in model.named_modules() if m is base and name), "")
+        return [f"{prefix}{path}." for path in self.stacks]
+
+    def layers(self, model):
+        return nn.ModuleList([block for path in self.stacks for block in model.base_model.get_submodule(path)])
+
+    def plan_problem(self, shape, plan) -> Problem | None:
+        (enc_layers, enc_heads, _), (dec_layers, dec_heads, _) = self.stack_keys
+        if enc_heads == dec_heads and plan.heads[0] != plan.heads[1]:
+            return Problem("heads", ",".join(map(str, plan.heads)), f"differs between the stacks, and a "
+                           f"{self.model_types[0]} config has one head count ({enc_heads}) for both",
+                           f"give the same count twice, e.g. --heads {plan.heads[0]},{plan.heads[0]}")
+        if self.found.per_head and any(0 not in stage.keep for stage in plan.stages):
+            return Problem("depth", ",".join(map(str, plan.depth)), "drops a stack's first block, which holds the "
+                           "relative attention bias that every block of the stack reads",
+                           "keep each stack's first block (--select uniform or first)")
+        return None
+
+    def new_config(self, config, shape, plan):
+        new = copy.deepcopy(config)
+        for (layers_key, heads_key, _), stage, stage_shape in zip(self.stack_keys, plan.stages, shape.stages):
+            setattr(new, layers_key, stage.depth)
+            setattr(new, heads_key, stage.heads)
+        if hasattr(new, "d_kv"):  # T5 states its head dim
+            new.d_kv = target_shape(shape.stages[0], plan.stages[0]).head_dim
+        return new
+
+    def outside_per_head(self, model) -> dict[str, int]:
+        return {}
+
+
+def discover_seq2seq(config, cls=None) -> Seq2SeqFamily:
+    data = config.to_dict()
+    stack_keys = next((keys for keys in SEQ2SEQ_KEYS if all(k in data for pair in keys for k in pair)), None)
+    hidden_key, hidden = _config_value(config, "hidden_size")
+    if stack_keys is None or not isinstance(hidden, int):
+        raise Unsupported("it is an encoder-decoder whose config names its layers and heads in no known way "
+                          "(looked for encoder_layers/decoder_layers or num_layers/num_decoder_layers)")
+    base = _skeleton(config, cls)
+    stacks, found = [], None
+    for name, (layers_key, heads_key, mlp_key) in zip(("encoder", "decoder"), stack_keys):
+        layers, heads = getattr(config, layers_key), getattr(config, heads_key)
+        paths = [p for p in _stack(base, layers) if p.startswith(name + ".")]
+        if not paths:
+            raise Unsupported(f"no ModuleList of {layers} identical blocks found in its {name} ({layers_key})")
+        stack_found = read_block(base.get_submodule(paths[0])[0], heads, heads, hidden, getattr(config, mlp_key),
+                                 f"{paths[0]}.0")
+        stacks.append(paths[0])
+        found = found or stack_found
+    weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out, mlp_in=(), mlp_out=Proj(""),
+                           per_head=tuple(n for n, _ in found.per_head),
+                           per_head_axis=found.per_head[0][1] if found.per_head else 0)
+    return Seq2SeqFamily(config.model_type, stacks, stack_keys, hidden_key, weights, _embeddings(base, stacks), found)
 
 
 def _has_positional_attention(config, base: nn.Module) -> bool:
