@@ -186,3 +186,12 @@ def gpt_seeded():
 def vit_seeded():
     torch.manual_seed(0)
     return vit()
+
+
+def partial_seeded():
+    """A ViT whose block stack starts with a different block (as in Hiera and MaxViT): the run of identical
+    blocks is blocks.1 to blocks.4, partway through its container. Same weights in every process."""
+    torch.manual_seed(0)
+    model = vit()
+    model.blocks = nn.Sequential(nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32)), *model.blocks)
+    return model.eval()
