@@ -128,3 +128,15 @@ def test_relpos_keep_head_dim_new_heads_copy_their_sources_bias_and_keep_the_fun
     new = reshape.leaner(model, heads=6, keep_head_dim=True)  # 3 heads of 32 -> 6 heads of 32
     assert new.blocks.get_submodule("0").attn.qkv.out_features == 3 * 6 * 32
     close(new(x), model(x))
+
+
+@torch.no_grad()
+def test_pvt_v2_block_called_with_a_tuple_of_sizes_re_heads_like_timms_class():
+    """PVT v2 calls its blocks with feat_size, a tuple computed in the graph: traced free, not fixed."""
+    model, x = _loud(timm.create_model("pvt_v2_b0", num_classes=0)), torch.randn(1, 3, 64, 64)
+    new = reshape.leaner(model, heads=16, depth=1)  # the longest stack: the last stage's 2 blocks, 8 heads
+    doubled = timm.create_model("pvt_v2_b0", num_classes=0, num_heads=(1, 2, 5, 16)).eval()
+    doubled.load_state_dict(model.state_dict())
+    doubled.stages[3].blocks = nn.Sequential(doubled.stages[3].blocks[0])  # depth 1 keeps the first block
+    close(new(x), doubled(x))
+    assert not torch.allclose(new(x), reshape.leaner(model, depth=1)(x), atol=1e-3)  # the heads really changed

@@ -42,6 +42,13 @@ def check_options(options: dict) -> None:
             raise fail(key, options[key], reason, fix)
 
 
+def _has_node(value) -> bool:
+    """Is this call argument computed in the graph (a Node, or a tuple of them, e.g. PVT v2's feat_size)?"""
+    found = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
 def trace_block(gm: fx.GraphModule, node: fx.Node, leaf_modules=(), rewire: bool = True) -> fx.GraphModule:
     """Trace one block as it is called in `gm`: constant arguments at the call site (masks left out,
     flags) are fixed. With `rewire`, the call then passes every argument positionally, as the block
@@ -53,8 +60,8 @@ def trace_block(gm: fx.GraphModule, node: fx.Node, leaf_modules=(), rewire: bool
                    "cannot re-trace at its call site", "give its forward named arguments, or leave heads out")
     bound = sig.bind(*node.args, **node.kwargs)
     concrete = {**default_concrete_args(block),
-                **{k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}}
-    concrete = {k: v for k, v in concrete.items() if not isinstance(bound.arguments.get(k), fx.Node)}
+                **{k: v for k, v in bound.arguments.items() if not _has_node(v)}}
+    concrete = {k: v for k, v in concrete.items() if not _has_node(bound.arguments.get(k))}
     block_gm = trace(block, leaf_modules=leaf_modules, concrete_args=concrete, name=node.target)
     if rewire:
         node.args = tuple(bound.arguments.get(p.name, p.default) for p in sig.parameters.values())
