@@ -120,8 +120,10 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
         if isinstance(plan, StagedPlan):
             state = transfer_stages(model.state_dict(), family.stage_prefixes(model), family.weights, shape, plan)
         else:
-            state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape, plan,
-                                   input_covs)
+            # A shared block is transferred once, whatever the depth (its repeat count, set by the config).
+            layer_plan = replace(plan, keep=(0,)) if family.shared_layers else plan
+            state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape,
+                                   layer_plan, input_covs)
             if plan.heads != shape.heads:
                 parents = torch.tensor(parent_heads(shape, plan))
                 for key, axis in family.outside_per_head(model).items():

@@ -110,5 +110,5 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 7) -> dict
     mask[1, -2:] = 0  # padding in the second row exercises the attention mask
     inputs = {"input_ids": ids, "attention_mask": mask}
     if config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = ids[:, :5]
+        inputs["decoder_input_ids"] = ids[:, :5].clone()
     return inputs

@@ -11,6 +11,7 @@ have their own tests below, each of which fails if its rule is wrong.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from reshape.testing import tiny_inputs, tiny_model
 # over the head dim forbid changing it).
 COVERED = {
     "bert": "keep-width", "roberta": "keep-width", "xlm-roberta": "keep-width", "camembert": "keep-width",
-    "distilbert": "keep-width", "electra": "keep-width", "deberta": "keep-width", "deberta-v2": "keep-width",
+    "distilbert": "keep-width", "albert": "keep-width", "electra": "keep-width", "deberta": "keep-width", "deberta-v2": "keep-width",
     "modernbert": "keep-width", "mpnet": "keep-width",
     "gpt2": "keep-width", "gpt_neo": "keep-width", "gpt_neox": "keep-width", "gptj": "keep-width",
     "opt": "keep-width", "bloom": "keep-width", "falcon": "keep-width", "phi": "keep-width", "phi3": "keep-width",
@@ -86,6 +87,8 @@ def expected_params(model, plan) -> int:
     ratio = heads[0] / stacks(model)[0][1].heads
     total = sum(int(p.numel() * (ratio if name in outside_per_head else 1))
                 for name, p in model.named_parameters() if id(p) not in inside)
+    if family.shared_layers:
+        keeps = [[0]]  # one shared block, whatever the depth
     for (stack, shape), keep, new_heads in zip(stacks(model), keeps, heads):
         for index in keep:
             for name, p in stack[index].named_parameters():
@@ -218,6 +221,21 @@ def test_encoder_decoder_stacks_take_their_own_heads_and_depth():
             assert torch.equal(new.decoder.layers[new_index].state_dict()[name], tensor), name
     with pytest.raises(ReshapeError, match="heads=8: is a single number, and auto:bart has 2 stages"):
         reshape.leaner(model, heads=8, depth=[2, 4])
+
+
+def test_albert_depth_sets_the_repeat_count_of_its_shared_layer():
+    model = tiny_model("albert")
+    new = reshape.leaner(model, heads=8, depth=4)
+    assert new.config.num_hidden_layers == 4
+    for name, tensor in model.state_dict().items():  # keep-width: every shared weight stays as it was
+        assert torch.equal(new.state_dict()[name], tensor), name
+    # The function is the source's shared layer run 4 times, at 8 heads.
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers, config.num_attention_heads = 4, 8
+    same = type(model)(config).eval()
+    same.load_state_dict(model.state_dict())
+    inputs = tiny_inputs(model)
+    torch.testing.assert_close(output(new, inputs), output(same, inputs))
 
 
 def test_qk_norms_over_the_head_dim_refuse_keep_width_and_stay_with_keep_head_dim():

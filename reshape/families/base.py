@@ -56,6 +56,8 @@ class Family(ABC):
     can_widen_attention: bool  # can the saved config express attention width != model width?
     library: str  # "transformers" or "timm": what loads the saved folder
     can_split_aware: bool = True  # does the function-aware head split apply (no rotary positions)?
+    # One block run num_hidden_layers times (ALBERT): depth sets the repeat count, there are no layers to drop.
+    shared_layers: bool = False
     # Plan options the family cannot carry out, each with the reason (e.g. {"mlp": "..."}): refused by name.
     refuses: dict[str, str] = {}
 

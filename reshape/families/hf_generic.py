@@ -331,7 +331,11 @@ def discover(config, cls=None) -> GenericFamily:
             raise Unsupported("its single shared key/value head (multi_query) cannot follow a new head count; "
                               "only the new_decoder_architecture layout can")
     base = _skeleton(config, cls)
-    paths = _stack(base, layers)
+    shared = getattr(config, "num_hidden_groups", None) is not None  # ALBERT: one block run L times
+    if shared and (config.num_hidden_groups, getattr(config, "inner_group_num", 1)) != (1, 1):
+        raise Unsupported(f"its {config.num_hidden_groups} layer groups of {config.inner_group_num} shared layers "
+                          "would have to be regrouped; only one shared layer (as in every released ALBERT) is rebuilt")
+    paths = _stack(base, 1 if shared else layers)
     if not paths:
         raise Unsupported(f"no ModuleList of {layers} identical blocks found (the config's num_hidden_layers)")
     mlp_key, mlp_value = _config_value(config, *MLP_KEYS)
@@ -340,6 +344,7 @@ def discover(config, cls=None) -> GenericFamily:
         try:
             found = read_block(base.get_submodule(path)[0], heads, kv, hidden,
                                mlp_value if isinstance(mlp_value, int) else None, f"{path}.0")
+            paths = [path]
             break
         except Unsupported as e:
             errors.append(str(e))
@@ -359,7 +364,7 @@ def discover(config, cls=None) -> GenericFamily:
     elif mlp_key is None or (mlp_value is None and declared.mlp_ratio is None):
         refuses["mlp"] = "its config has no MLP width to set"
     mlp_default = found.mlp or (declared.mlp_ratio or 4) * hidden
-    aware = (not found.per_head and not any(h in n for n, _ in base.named_parameters() for h in PER_HEAD_HINTS) and not found.head_norms and not found.width_norms and not declared.interleaved
+    aware = (not shared and not found.per_head and not any(h in n for n, _ in base.named_parameters() for h in PER_HEAD_HINTS) and not found.head_norms and not found.width_norms and not declared.interleaved
              and kv == heads and not _has_positional_attention(config, base))
     weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out,
                            mlp_in=found.mlp_in, mlp_out=found.mlp_out or Proj(""),
@@ -372,6 +377,7 @@ def discover(config, cls=None) -> GenericFamily:
                            # a norm over all heads' width would have to grow with them
                            can_widen_attention=head_dim_key is not None and not found.width_norms, can_split_aware=aware, refuses=refuses,
                            mlp_default=mlp_default)
+    family.shared_layers = shared
     blocks = base.get_submodule(paths[0])
     if len(blocks) > 1:
         first, second = ({n for n, _ in b.named_parameters()} for b in (blocks[0], blocks[1]))
