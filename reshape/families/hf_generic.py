@@ -20,9 +20,8 @@ model's own config and class, so every output loads with plain `from_pretrained`
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from ..errors import Problem, fail
@@ -52,7 +51,6 @@ class Declared:
 
     # Fused Q/K/V rows grouped per KV head as [q heads of the group, k, v] (per head when KV = heads).
     interleaved: bool = False
-    refuse: str | None = None  # why the type is refused as a whole
     mlp_ratio: int | None = None  # MLP width / hidden when the config stores no MLP width
 
 
@@ -61,18 +59,11 @@ DECLARED = {
     "bloom": Declared(interleaved=True, mlp_ratio=4),
     "deberta": Declared(interleaved=True),
     "falcon": Declared(interleaved=True),
-    "gpt_neo": Declared(),
 }
 
 
 class Unsupported(Exception):
     """The structure did not match: the message names what was looked for and not found."""
-
-
-@dataclass(frozen=True)
-class Stack:
-    path: str  # from the base model to the ModuleList
-    keys: ConfigKeys
 
 
 def _skeleton(config, cls=None) -> nn.Module:
@@ -230,7 +221,6 @@ class GenericFamily(HFFamily):
                          [model_type], layers_path, weights, embeddings, keys=keys,
                          can_widen_attention=can_widen_attention, can_split_aware=can_split_aware)
         self.found = found
-        self.declared = declared
         self.refuses = refuses
         self.mlp_default = mlp_default
         self.outside: list[tuple[str, int]] = []  # per-head tensors outside the stack (name under base, axis)
@@ -252,15 +242,12 @@ class GenericFamily(HFFamily):
                            f"pass --keep-head-dim, or keep {shape.heads} heads")
         if self.first_block_differs and 0 not in plan.keep:
             return Problem("keep", ",".join(map(str, plan.keep)), f"drops layer 0, whose block differs from the others "
-                           f"(it has no {self.first_block_differs}), so no other layer can take its place",
+                           f"({self.first_block_differs}), so no other layer can take its place",
                            "keep layer 0 (--select uniform or first, or list 0 in --keep)")
         return None
 
     def new_config(self, config, shape, plan):
         new = super().new_config(config, shape, plan)
-        k = self.keys
-        if k.kv_heads is None and self.found.kv_heads != self.found.heads:
-            raise AssertionError("grouped heads without a KV key")
         if getattr(config, "attention_types", None) is not None and hasattr(config, "attention_layers"):
             # GPT-Neo stores its per-layer pattern compressed; write the kept layers out one by one.
             kinds = [config.attention_layers[i] for i in plan.keep]
@@ -308,8 +295,6 @@ def discover(config, cls=None) -> GenericFamily:
     """The adapter for this config's structure; raises Unsupported with the reason."""
     model_type = config.model_type
     declared = DECLARED.get(model_type, Declared())
-    if declared.refuse:
-        raise Unsupported(declared.refuse)
     if getattr(config, "is_encoder_decoder", False):
         return discover_seq2seq(config, cls)
     heads_key, heads = _config_value(config, "num_attention_heads")
