@@ -14,6 +14,9 @@ import torch
 TINY = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=96, vocab_size=128,
             max_position_embeddings=64, head_dim=16, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
             eos_token_id=2)
+# Encoder-decoders name each stack's numbers: sized like TINY where the config has the key.
+TINY_STACKS = dict(encoder_layers=6, decoder_layers=6, encoder_attention_heads=4, decoder_attention_heads=4,
+                   encoder_ffn_dim=96, decoder_ffn_dim=96, d_model=64, num_decoder_layers=6, d_ff=96, d_kv=16)
 # Types whose configs name these numbers differently (or not at all): EXTRA replaces TINY for them.
 OWN_NAMES = {"swin", "convnext", "whisper", "t5", "bart", "falcon"}
 
@@ -67,7 +70,7 @@ def tiny_config(model_type: str, **overrides):
     # Only the sizes this config knows: an unknown key would be stored as a stray attribute.
     default = CONFIG_MAPPING[model_type]()
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
-    base = {} if model_type in OWN_NAMES else {k: v for k, v in TINY.items() if k in known}
+    base = {} if model_type in OWN_NAMES else {k: v for k, v in {**TINY, **TINY_STACKS}.items() if k in known}
     kwargs = {**base, **EXTRA.get(model_type, {}), **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -96,7 +96,10 @@ def _config_value(config, *names):
     data = config.to_dict()
     for name in names:
         if name in data or name in getattr(config, "attribute_map", {}):
-            return name, getattr(config, name, None)
+            try:
+                return name, getattr(config, name, None)
+            except Exception as e:  # e.g. Gemma 4: a per-layer value has no global reading
+                raise Unsupported(f"its config cannot give one {name} ({type(e).__name__})") from None
     return None, None
 
 
@@ -239,7 +242,8 @@ class GenericFamily(HFFamily):
         if self.found.head_norms and plan.head_mode == "keep-width" and plan.heads != shape.heads:
             return Problem("heads", plan.heads, f"changes the head dim {shape.head_dim} in keep-width mode, and the "
                            f"q/k norms ({', '.join(self.found.head_norms)}) are learnt over the head dim",
-                           f"pass --keep-head-dim, or keep {shape.heads} heads")
+                           f"pass --keep-head-dim, or keep {shape.heads} heads" if self.can_widen_attention
+                           else f"keep {shape.heads} heads (its config cannot widen the attention either)")
         if self.first_block_differs and 0 not in plan.keep:
             return Problem("keep", ",".join(map(str, plan.keep)), f"drops layer 0, whose block differs from the others "
                            f"({self.first_block_differs}), so no other layer can take its place",
@@ -247,7 +251,16 @@ class GenericFamily(HFFamily):
         return None
 
     def new_config(self, config, shape, plan):
-        new = super().new_config(config, shape, plan)
+        try:
+            new = super().new_config(config, shape, plan)
+        except Exception as e:  # a config class that will not take the new numbers (e.g. read-only properties)
+            raise fail("model", f"model_type {config.model_type!r}", f"its config could not be rewritten "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                       "open an issue at reshape's tracker with the model's config.json") from None
+        # Per-layer lists (layer_types, mlp_layer_types, ...) follow the kept layers.
+        for key, values in new.to_dict().items():
+            if "layer" in key and isinstance(values, list) and len(values) == shape.layers and key != "layer_types":
+                setattr(new, key, [values[i] for i in plan.keep])
         if getattr(config, "attention_types", None) is not None and hasattr(config, "attention_layers"):
             # GPT-Neo stores its per-layer pattern compressed; write the kept layers out one by one.
             kinds = [config.attention_layers[i] for i in plan.keep]
@@ -514,6 +527,9 @@ def _cached(config) -> GenericFamily:
             _CACHE[key] = discover(copy.deepcopy(config))
         except Unsupported as e:
             _CACHE[key] = e
+        except Exception as e:  # the model's own code failed on its meta skeleton: name it, in one line
+            _CACHE[key] = Unsupported(f"its structure could not be read ({type(e).__name__}: "
+                                      f"{(str(e).splitlines() or [''])[0][:120]})")
     result = _CACHE[key]
     if isinstance(result, Unsupported):
         raise result
