@@ -27,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .families import BlockWeights
+from .families.base import BlockWeights
 from .inputs import run_with_input_hooks
 from .plan import Shape
 

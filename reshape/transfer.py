@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import fail
-from .families import BlockWeights, Proj
+from .families.base import BlockWeights, Proj
 from .headsplit import aware_split
 from .plan import Plan, Shape, target_shape
 
