@@ -257,9 +257,9 @@ class GenericFamily(HFFamily):
             raise fail("model", f"model_type {config.model_type!r}", f"its config could not be rewritten "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})",
                        "open an issue at reshape's tracker with the model's config.json") from None
-        # Per-layer lists (layer_types, mlp_layer_types, ...) follow the kept layers.
+        # Per-layer lists (layer_types, mlp_layer_types, Longformer's attention_window, ...) follow the kept layers.
         for key, values in new.to_dict().items():
-            if "layer" in key and isinstance(values, list) and len(values) == shape.layers and key != "layer_types":
+            if isinstance(values, list) and len(values) == shape.layers > 1 and key not in ("layer_types", "architectures"):
                 setattr(new, key, [values[i] for i in plan.keep])
         if getattr(config, "attention_types", None) is not None and hasattr(config, "attention_layers"):
             # GPT-Neo stores its per-layer pattern compressed; write the kept layers out one by one.
@@ -362,7 +362,7 @@ def discover(config, cls=None) -> GenericFamily:
     elif mlp_key is None or (mlp_value is None and declared.mlp_ratio is None):
         refuses["mlp"] = "its config has no MLP width to set"
     mlp_default = found.mlp or (declared.mlp_ratio or 4) * hidden
-    aware = (not shared and not found.per_head and not any(h in n for n, _ in base.named_parameters() for h in PER_HEAD_HINTS) and not found.head_norms and not found.width_norms and not declared.interleaved
+    aware = (base.main_input_name in ("input_ids", "pixel_values") and not shared and not found.per_head and not any(h in n for n, _ in base.named_parameters() for h in PER_HEAD_HINTS) and not found.head_norms and not found.width_norms and not declared.interleaved
              and kv == heads and not _has_positional_attention(config, base))
     weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out,
                            mlp_in=found.mlp_in, mlp_out=found.mlp_out or Proj(""),
