@@ -128,6 +128,7 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
                 parents = torch.tensor(parent_heads(shape, plan))
                 for key, axis in family.outside_per_head(model).items():
                     state[key] = state[key].index_select(axis, parents)
+        state = family.adjust_state(state, shape, plan)
         if not share_weights:
             state = {k: v.clone() for k, v in state.items()}
         load_into(new, state)

@@ -91,12 +91,12 @@ def test_levit_twice_and_its_source_unchanged():
     close(model(x), expected, atol=0)
 
 
-def test_swin_v2_is_refused_by_inspect_in_one_line_and_never_built_on_meta():
+def test_swin_v2_given_one_depth_is_refused_in_one_line():
+    # Swin v2 has its own adapter now (tests/test_timm_swinv2.py): one number for four stages is refused.
     with pytest.raises(ReshapeError) as e:
         reshape.inspect("swinv2_tiny_window8_256", depth=2)
     text = str(e.value)
-    assert "\n" not in text and text.startswith("model=timm architecture 'swinv2_tiny_window8_256': is not a "
-                                                "supported model family")
+    assert "\n" not in text and text.startswith("depth=2: is a single number, and timm-swinv2 has 4 stages")
 
 
 def _beit(heads, **kw):

@@ -113,5 +113,10 @@ class Family(ABC):
         relative attention bias: each new head takes its parent head's entry."""
         return {}
 
+    def adjust_state(self, state: dict, shape: Shape, plan: Plan) -> dict:
+        """The new model's state after the generic transfer, with any rule of the family's own applied
+        (e.g. CaiT's talking-heads mixers, whose columns and scales follow the new heads)."""
+        return state
+
     def finalize(self, model: nn.Module) -> None:
         """Restore what assigning a state dict undoes (e.g. tied weights)."""

@@ -21,19 +21,18 @@ The rule needs every new head to have exactly one parent and every parent the sa
 so the new head count must be a multiple of the source's; others are refused. The aware split (which
 rewrites query/key rows per head) is not used: the contiguous split above is already exact.
 
-How the rule is applied, with the hooks the pipeline calls (reshape/pipeline.py `rebuild`): the rows of
-proj_l/proj_w (and their biases) follow each new head's parent through `per_head`; their columns
-through `outside_per_head`, which names the new blocks' keys (the new depth is recorded by `build`,
-which `rebuild` calls just before); `finalize` then applies the two scales. The family instance is
-per model (`resolve`), and `build` resets what it recorded, so nothing carries from one rebuild to the next.
+How the rule is applied: the rows of proj_l/proj_w (and their biases) follow each new head's parent
+through `per_head`, as every per-head tensor does; `adjust_state` then picks their columns the same way
+and applies the two scales.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
 
 from ..errors import Problem
 from ..plan import MIN_HEAD_DIM, Shape, target_shape
+from ..transfer import parent_heads
 from .timm_vit import TimmFamily, mlp_ratio, timm_block_weights
 
 TALKING = ("attn.proj_l", "attn.proj_w")
@@ -51,13 +50,6 @@ class TimmCaiT(TimmFamily):
     # The contiguous split with the talking-heads rule is exact; the aware split's rewritten query/key
     # rows would break the sums it relies on.
     can_split_aware = False
-
-    def __init__(self):
-        self._built: tuple[int, int] | None = None  # (depth, heads) of the model `build` last made
-        self._split: int | None = None  # children per source head, once `outside_per_head` has named them
-
-    def resolve(self, obj):
-        return type(self)()  # one instance per model, for what build and outside_per_head record
 
     def shape(self, config) -> Shape:
         model = self._skeleton(config)
@@ -82,33 +74,18 @@ class TimmCaiT(TimmFamily):
             args["mlp_ratio"] = mlp_ratio(shape.hidden, new.mlp)
         return self._new_args(config, **args)
 
-    def build(self, spec, empty):
-        model = super().build(spec, empty)
-        self._built = (len(model.blocks), model.blocks[0].attn.num_heads)
-        self._split = None
-        return model
-
-    def outside_per_head(self, model):
-        """The columns of the new blocks' talking-heads weights follow their parent heads too. `rebuild`
-        calls this (with the source) only when the head count changes, after building the new model."""
-        if self._built is None:
-            raise AssertionError("timm-cait: outside_per_head called before the new model was built")
-        depth, heads = self._built
-        self._split = heads // model.blocks[0].attn.num_heads
-        return {f"blocks.{i}.{name}.weight": 1 for i in range(depth) for name in TALKING}
-
-    def finalize(self, model):
-        """Scale the talking-heads weights whose rows and columns were just copied from parent heads:
-        proj_l by old_scale / new_scale (= 1 / sqrt(k)), proj_w by 1 / k."""
-        k, self._split = self._split, None
-        if not k or k == 1:
-            return
-        for block in model.blocks:
-            attn = block.attn
-            old_scale = (k * (attn.qkv.in_features // attn.num_heads)) ** -0.5  # as timm computes it
-            for linear, factor in ((attn.proj_l, old_scale / attn.scale), (attn.proj_w, 1.0 / k)):
-                weight = linear.weight
-                linear.weight = nn.Parameter(weight.detach() * factor, requires_grad=weight.requires_grad)
+    def adjust_state(self, state, shape, plan):
+        if plan.heads == shape.heads:
+            return state
+        k = plan.heads // shape.heads
+        parents = torch.tensor(parent_heads(shape, plan))
+        # proj_l mixes logits scaled by old_scale = head_dim ** -0.5; each child's logits carry new_scale.
+        factors = {"attn.proj_l": k ** -0.5, "attn.proj_w": 1.0 / k}
+        for key in state:
+            name = key.removeprefix("blocks.").split(".", 1)[-1].removesuffix(".weight")
+            if key.startswith("blocks.") and key.endswith(".weight") and name in factors:
+                state[key] = state[key].index_select(1, parents) * factors[name]
+        return state
 
 
 TIMM_CAIT = TimmCaiT()
