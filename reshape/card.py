@@ -151,13 +151,14 @@ def _hub_dataset(data: str | None) -> bool:
 
 
 def _eval_results(trained: dict | None, pipeline_tag: str | None) -> list[EvalResult]:
-    if not trained or not trained.get("best") or not pipeline_tag:
+    if not trained or not pipeline_tag:
         return []
     data = trained["data"]
     name = data if _hub_dataset(data) else Path(data).name
-    return [EvalResult(task_type=pipeline_tag, dataset_type=name, dataset_name=name, dataset_split="test",
-                       metric_type=key, metric_name=f"test {label}", metric_value=round(trained["best"][key], 4))
-            for key, label in METRICS.items() if key in trained["best"]]
+    return [EvalResult(task_type=pipeline_tag, dataset_type=name, dataset_name=name, dataset_split=split,
+                       metric_type=key, metric_name=f"{split} {label}", metric_value=round(trained[split][key], 4))
+            for split in ("validation", "test") if trained.get(split)
+            for key, label in METRICS.items() if key in trained[split]]
 
 
 def _summary(recipe, distilled, finetuned, source) -> str:
@@ -213,7 +214,8 @@ def _recovery(distilled: dict | None, finetuned: dict | None) -> list[str]:
     if finetuned:
         lines += ["### Fine-tuning", "",
                   f"- Task: {finetuned['task']}; data: `{_shown(finetuned['data'])}` ({finetuned['train_examples']:,} "
-                  f"training, {finetuned['test_examples']:,} test examples)"
+                  f"training, {finetuned['validation_examples']:,} validation, {finetuned['test_examples']:,} test "
+                  "examples)"
                   + (f"; LoRA rank {finetuned['lora']}, merged" if finetuned.get("lora") else ""),
                   *_training(finetuned), ""]
     return lines
@@ -227,12 +229,13 @@ def _training(run: dict) -> list[str]:
                      f"accumulation, peak learning rate {config['lr']:g}, seed {config['seed']}")
     else:
         lines.append(f"- {run['steps']:,} optimizer steps")
-    best = run.get("best") or {}
-    scores = [f"{METRICS[k]} {best[k]:.4f}" for k in METRICS if k in best]
-    if "distill_loss" in best and not scores:
-        scores.append(f"held-out distillation loss {best['distill_loss']:.4f}")
-    if scores:
-        lines.append(f"- Best held-out result (step {best.get('step', run['steps'])}): {', '.join(scores)}")
+    for split, words in (("validation", "Validation (picks the checkpoint)"), ("test", "Test (scored once)")):
+        result = run.get(split) or {}
+        scores = [f"{METRICS[k]} {result[k]:.4f}" for k in METRICS if k in result]
+        if "distill_loss" in result and not scores:
+            scores.append(f"distillation loss {result['distill_loss']:.4f}")
+        if scores:
+            lines.append(f"- {words}, step {result.get('step', run['steps'])}: {', '.join(scores)}")
     return lines
 
 

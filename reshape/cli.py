@@ -218,9 +218,11 @@ def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> N
     if json_output:
         print(json.dumps(result, indent=2, default=str))
     elif not quiet:
-        best = result.get("best") or result
-        shown = {k: v for k, v in best.items() if isinstance(v, (int, float)) and k != "score"}
-        out_console.print(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        parts = [(split, result[split]) for split in ("validation", "test") if result.get(split)] or [("", result)]
+        text = "; ".join((f"{split} " if split else "") + ", ".join(
+            f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float)) and k not in ("score", "step"))
+            for split, scores in parts)
+        out_console.print(f"{title}: {text}")
 
 
 @app.command()
@@ -232,8 +234,11 @@ def finetune(
     eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
+    validation_ratio: Annotated[float, typer.Option(
+        help="Fraction of the training rows held out for validation (which picks the checkpoint) when DATA "
+             "has no validation split of its own; recipes have fixed splits.")] = 0.1,
 ):
-    """Fine-tune MODEL on a task; write the best checkpoint to OUT."""
+    """Fine-tune MODEL on a task; write the checkpoint best on validation to OUT, and score it once on test."""
     _setup(quiet or json_output)
     with _user_errors():
         from .train.finetune import finetune as run
@@ -241,9 +246,10 @@ def finetune(
         result = run(model, out, task=task, data=data, text_column=text_column, label_column=label_column,
                      image_column=image_column, max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
                      keep_checkpoints=keep_checkpoints, log_kappa=log_kappa, progress=not (quiet or json_output),
+                     validation_ratio=validation_ratio,
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
-    _print_result(result, json_output, quiet, f"Wrote {out}; best test")
+    _print_result(result, json_output, quiet, f"Wrote {out}")
     _push_to_hub(out, push_to_hub, quiet or json_output)
 
 
@@ -255,14 +261,15 @@ def evaluate(
     data: Data, text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
     teacher: Annotated[Optional[str], typer.Option(help="For --task embedding: the model to compare with.")] = None,
     max_length: MaxLength = 128, seed: Seed = 0, json_output: Json = False,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
 ):
-    """Score MODEL on the test split of DATA: accuracy and F1, perplexity, or cosine to a teacher."""
+    """Score MODEL on a split of DATA (test by default): accuracy and F1, perplexity, or cosine to a teacher."""
     _setup(json_output)
     with _user_errors():
         from .train.finetune import evaluate as run
 
         result = run(model, task=task, data=data, text_column=text_column, label_column=label_column,
-                     image_column=image_column, teacher=teacher, max_length=max_length, seed=seed)
+                     image_column=image_column, teacher=teacher, max_length=max_length, seed=seed, split=split)
     _print_result(result, json_output, False, f"{model} on {data}")
 
 
@@ -306,7 +313,7 @@ def distill(
                      log_kappa=log_kappa, progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
                                           mixed_precision))
-    _print_result(result, json_output, quiet, f"Wrote {out}; best held-out")
+    _print_result(result, json_output, quiet, f"Wrote {out}")
     _push_to_hub(out, push_to_hub, quiet or json_output)
 
 

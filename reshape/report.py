@@ -76,7 +76,8 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
             from .train.finetune import evaluate
 
             step(f"Evaluating: {name}")
-            entry["quality"] = evaluate(sources[name].name, task=task, data=data)
+            entry["quality"] = {split: evaluate(sources[name].name, task=task, data=data, split=split)
+                                for split in ("validation", "test")}
         result["models"][name] = entry
     step("Timing both models, alternating")
     for batch in batch_sizes:
@@ -190,9 +191,10 @@ def ratios(base: dict, leaner: dict) -> dict:
         result[f"latency.{batch}"] = ratio(timing["median_ms"], leaner["latency"][batch]["median_ms"])
     for key in ("inference_mib", "train_step_mib"):
         result[f"memory.{key}"] = ratio(base["memory"][key], leaner["memory"][key])
-    for key in ("accuracy", "f1", "perplexity"):
-        if key in base.get("quality", {}):
-            result[f"quality.{key}"] = ratio(base["quality"][key], leaner["quality"][key])
+    for split, scores in base.get("quality", {}).items():
+        for key in ("accuracy", "f1", "perplexity"):
+            if key in scores:
+                result[f"quality.{split}.{key}"] = ratio(scores[key], leaner["quality"][split][key])
     return result
 
 
@@ -281,10 +283,11 @@ def figures(result: dict) -> list[tuple[str, str, str, str]]:
     for key, label in (("inference_mib", "peak memory, inference (MiB)"),
                        ("train_step_mib", "peak memory, training step (MiB)")):
         rows.append((label, fmt(base["memory"][key], 1), fmt(leaner["memory"][key], 1), fmt(r[f"memory.{key}"], 3)))
-    for key in ("accuracy", "f1", "perplexity"):
-        if key in base.get("quality", {}):
-            rows.append((key, fmt(base["quality"][key], 4), fmt(leaner["quality"][key], 4),
-                         fmt(r[f"quality.{key}"], 3)))
+    for split, scores in base.get("quality", {}).items():
+        for key in ("accuracy", "f1", "perplexity"):
+            if key in scores:
+                rows.append((f"{split} {key}", fmt(scores[key], 4), fmt(leaner["quality"][split][key], 4),
+                             fmt(r[f"quality.{split}.{key}"], 3)))
     if base.get("conditioning"):
         median = [statistics.median(c["kappa_median"] for c in m["conditioning"]) for m in (base, leaner)]
         rows.append(("κ, median over layers", fmt(median[0], 1), fmt(median[1], 1), fmt(median[1] / median[0], 3)))
@@ -310,12 +313,13 @@ def plot(result: dict, folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / "kappa.png", dpi=120)
         plt.close(fig)
-    metric = next((k for k in ("accuracy", "perplexity") if k in models["base"].get("quality", {})), None)
+    metric = next((k for k in ("accuracy", "perplexity") if k in models["base"].get("quality", {}).get("test", {})),
+                  None)
     if metric:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, entry in models.items():
-            ax.scatter(entry["params"]["total"], entry["quality"][metric], label=name)
-        ax.set(xlabel="parameters", ylabel=metric, title=f"{metric} vs parameters")
+            ax.scatter(entry["params"]["total"], entry["quality"]["test"][metric], label=name)
+        ax.set(xlabel="parameters", ylabel=f"test {metric}", title=f"test {metric} vs parameters")
         ax.legend()
         fig.tight_layout()
         fig.savefig(folder / "quality_vs_params.png", dpi=120)

@@ -1,7 +1,8 @@
 """`reshape sweep`: a heads x depth grid, each point converted, recovered and scored the same way.
 
 Every grid point runs convert -> distil (with --init transfer and distillation data) -> fine-tune -> the
-fine-tune's held-out score, for each seed. The source model itself and, for every depth, the control
+fine-tune's scores, for each seed: validation (which picks each run's checkpoint and the break point)
+and test (scored once per run, on the checkpoint picked). The source model itself and, for every depth, the control
 "same heads, fewer layers" are always included, so "more heads" and "less capacity" can be told apart.
 Each finished (point, seed) is saved as its own small JSON file the moment it ends: a re-run skips it,
 and an interruption loses at most the point in progress.
@@ -94,7 +95,7 @@ def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], 
                              config=replace(config, seed=seed))
             params = recipe["params"]["result"] if recipe else inspect(source)["source"]["params"]
             record = {"point": point.name, "heads": point.heads or shape.heads, "depth": point.depth or shape.layers,
-                      "seed": seed, "params": params, "best": tuned["best"]}
+                      "seed": seed, "params": params, "validation": tuned["validation"], "test": tuned["test"]}
             done.parent.mkdir(parents=True, exist_ok=True)
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -112,27 +113,30 @@ def aggregate(out: Path, points: list[Point], breaks_below: float) -> dict:
     rows = []
     for point in points:
         records = [json.loads(f.read_text()) for f in sorted((out / "points" / point.name).glob("seed*.json"))]
-        scores = [r["best"]["score"] for r in records]
+        validation = [r["validation"]["score"] for r in records]
+        scores = [r["test"]["score"] for r in records]
         rows.append({"point": point.name, "heads": records[0]["heads"], "depth": records[0]["depth"],
                      "control": point.heads is not None and records[0]["heads"] == rows[0]["heads"],
                      "params": records[0]["params"]["total"], "non_embedding": records[0]["params"]["non_embedding"],
-                     "seeds": len(scores), "mean": statistics.mean(scores),
-                     "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "scores": scores})
-    baseline = rows[0]["mean"]
+                     "seeds": len(scores), "validation_mean": statistics.mean(validation),
+                     "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                     "scores": scores})
+    # The break point is a choice among models, so it reads validation; "mean"/"std" are test scores.
+    baseline = rows[0]["validation_mean"]
     # Scores are "higher is better": accuracy, or minus perplexity, where the bar sits above the baseline.
     bar = breaks_below * baseline if baseline >= 0 else baseline / breaks_below
-    breaks = next((row["point"] for row in rows[1:] if row["mean"] < bar), None)
+    breaks = next((row["point"] for row in rows[1:] if row["validation_mean"] < bar), None)
     return {"rows": rows, "breaks_below": breaks_below, "bar": bar, "breaks_at": breaks}
 
 
 def markdown(results: dict) -> str:
-    lines = ["| point | layers x heads | parameters | without embeddings | score (mean ± std) | seeds |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| point | layers x heads | parameters | without embeddings | validation (mean) | test (mean ± std) "
+             "| seeds |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
         label = row["point"] + (" (control: same heads)" if row["control"] else "")
         lines.append(f"| {label} | {row['depth']} x {row['heads']} | {row['params']:,} | {row['non_embedding']:,} | "
-                     f"{row['mean']:.4f} ± {row['std']:.4f} | {row['seeds']} |")
-    verdict = (f"First point below {results['breaks_below']:.0%} of the source ({results['bar']:.4f}): "
+                     f"{row['validation_mean']:.4f} | {row['mean']:.4f} ± {row['std']:.4f} | {row['seeds']} |")
+    verdict = (f"First point below {results['breaks_below']:.0%} of the source on validation ({results['bar']:.4f}): "
                f"{results['breaks_at']}" if results["breaks_at"] else
                f"No point fell below {results['breaks_below']:.0%} of the source ({results['bar']:.4f}).")
     return "\n".join([*lines, "", verdict]) + "\n"

@@ -33,7 +33,7 @@ def counts(data) -> dict:
 
 
 def all_texts(data) -> list[str]:
-    return list(data["train"]["text"]) + list(data["test"]["text"])
+    return list(data["train"]["text"]) + list(data["validation"]["text"]) + list(data["test"]["text"])
 
 
 def message(call) -> str:
@@ -46,47 +46,57 @@ def message(call) -> str:
 # --- recipes -------------------------------------------------------------------------------------------
 
 
-def test_rotten_tomatoes_has_a_fixed_stratified_test_split():
+def test_rotten_tomatoes_has_fixed_stratified_validation_and_test_splits():
     data = load_data("rotten-tomatoes", task="seq-cls")
-    assert list(data) == ["train", "test"] and data["train"].column_names == ["text", "label"]
+    assert list(data) == ["train", "validation", "test"] and data["train"].column_names == ["text", "label"]
     assert data["train"].features["label"].names == ["rotten", "fresh"]
-    # 4,866 fresh/rotten reviews less 3 duplicated texts; 20% held out, the same share of each class.
-    assert counts(data) == {"train": {0: 1928, 1: 1962}, "test": {0: 482, 1: 491}}
-    assert not set(data["train"]["text"]) & set(data["test"]["text"])
-    assert data["test"]["text"] == load_data("rotten-tomatoes", task="seq-cls")["test"]["text"]
-    assert data["test"]["text"] != load_data("rotten-tomatoes", task="seq-cls", seed=1)["test"]["text"]
+    # 4,866 fresh/rotten reviews less 3 duplicated texts; 20% held out for test (the split of every earlier
+    # default run), then 10% of the rest for validation, the same share of each class.
+    assert counts(data) == {"train": {0: 1735, 1: 1766}, "validation": {0: 193, 1: 196}, "test": {0: 482, 1: 491}}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not set(data[a]["text"]) & set(data[b]["text"])
+    again = load_data("rotten-tomatoes", task="seq-cls")  # no seed moves them
+    assert data["test"]["text"] == again["test"]["text"] and data["validation"]["text"] == again["validation"]["text"]
 
 
 def test_rotten_tomatoes_for_text_tasks_keeps_only_the_text():
     data = load_data("rotten-tomatoes", task="masked-lm")
-    assert data["train"].column_names == ["text"] and (len(data["train"]), len(data["test"])) == (3890, 973)
+    assert data["train"].column_names == ["text"]
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (3501, 389, 973)
 
 
-def test_rotten_tomatoes_full_never_contains_a_test_text():
+def test_rotten_tomatoes_full_never_contains_a_held_out_text():
     small = load_data("rotten-tomatoes", task="seq-cls")
     full = load_data("rotten-tomatoes-full", task="seq-cls")
-    assert counts(full) == {"train": {0: 4902, 1: 6877}, "test": {0: 482, 1: 491}}
-    assert full["test"]["text"] == small["test"]["text"]  # the same held-out set, so scores compare
-    assert not set(full["train"]["text"]) & set(small["test"]["text"])
+    assert counts(full) == {"train": {0: 4709, 1: 6681}, "validation": {0: 193, 1: 196}, "test": {0: 482, 1: 491}}
+    for split in ("validation", "test"):  # the same held-out sets, so scores compare
+        assert full[split]["text"] == small[split]["text"]
+        assert not set(full["train"]["text"]) & set(small[split]["text"])
     assert set(small["train"]["text"]) <= set(full["train"]["text"])
 
 
 def test_hamlet_holds_out_the_end_of_the_play():
     data = load_data("hamlet", task="causal-lm")
-    assert (len(data["train"]), len(data["test"])) == (303, 34) and data["train"].column_names == ["text"]
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (269, 34, 34)
+    assert data["train"].column_names == ["text"]
     play = "\n".join(all_texts(data))
     assert play.startswith("ACT I\nSCENE I. Elsinore.")
     assert list(data["test"]["text"])[-1].endswith("a peal of ordnance is shot off")
     assert list(data["test"]["text"])[0].startswith("How was this seal'd?")  # Act V, Scene II
+    # Validation is the stretch just before it: unseen text too, never mixed with the test text.
+    assert data["validation"]["text"][-1] + "\n" + data["test"]["text"][0] in play
     assert all(len(t.splitlines()) == 16 for t in data["train"]["text"])
 
 
 @needs_fashion_mnist
 def test_fashion_mnist_is_the_standard_split():
     data = load_data("fashion-mnist", task="image-cls")
-    assert counts(data) == {"train": dict.fromkeys(range(10), 6000), "test": dict.fromkeys(range(10), 1000)}
+    assert counts(data) == {"train": dict.fromkeys(range(10), 5400), "validation": dict.fromkeys(range(10), 600),
+                            "test": dict.fromkeys(range(10), 1000)}
     assert data["train"].features["label"].names[:2] == ["T-shirt/top", "Trouser"]
-    first = data["train"][0]
+    from reshape.train.data import _idx_images
+
+    first = _idx_images("train")[0]  # the raw file's first image (validation is carved from these rows)
     assert first["label"] == 9 and first["image"].mode == "L"  # the famous first image: an ankle boot
     pixels = np.asarray(first["image"])
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
@@ -123,9 +133,10 @@ REVIEWS = pd.DataFrame({"id": range(20), "review": [f"review number {i}" for i i
 def test_local_files_guess_the_columns_and_encode_string_labels(tmp_path, name, write):
     write(REVIEWS, tmp_path / name)
     data = load_data(str(tmp_path / name), task="seq-cls")
-    assert list(data) == ["train", "test"] and data["train"].column_names == ["text", "label"]
+    assert list(data) == ["train", "validation", "test"] and data["train"].column_names == ["text", "label"]
     assert data["train"].features["label"].names == ["bad", "good", "meh"]  # sorted
-    assert counts(data) == {"train": {0: 4, 1: 8, 2: 4}, "test": {0: 1, 1: 2, 2: 1}}  # stratified
+    # Stratified: 20% for test, then 10% of the other 16 (2 rows, by largest remainder) for validation.
+    assert counts(data) == {"train": {0: 3, 1: 7, 2: 4}, "validation": {0: 1, 1: 1}, "test": {0: 1, 1: 2, 2: 1}}
     labels = dict(zip(REVIEWS.review, REVIEWS.category))
     names = data["test"].features["label"].names
     assert all(labels[row["text"]] == names[row["label"]] for row in data["test"])
@@ -143,23 +154,24 @@ def test_missing_and_unlabelled_rows_are_dropped(tmp_path):
     frame = pd.DataFrame({"sentence": ["a", "", "c", "d", "e", "f", "  ", "h", "i", "j"],
                           "label": [0, 1, -1, 1, 0, 1, 0, None, 1, 0]})
     frame.to_csv(tmp_path / "gaps.csv", index=False)
-    data = load_data(str(tmp_path / "gaps.csv"), task="seq-cls", test_ratio=0.5)
+    data = load_data(str(tmp_path / "gaps.csv"), task="seq-cls", test_ratio=0.34, validation_ratio=0.5)
     kept = sorted(all_texts(data))
     assert kept == ["a", "d", "e", "f", "i", "j"] and data["train"].features["label"].num_classes == 2
 
 
 def test_text_files_give_one_example_per_non_empty_line(tmp_path):
     (tmp_path / "lines.txt").write_text("first\n\nsecond\n   \nthird\nfourth\nfifth\n")
-    data = load_data(str(tmp_path / "lines.txt"), task="causal-lm")
+    data = load_data(str(tmp_path / "lines.txt"), task="causal-lm", validation_ratio=0.25)
     assert sorted(all_texts(data)) == ["fifth", "first", "fourth", "second", "third"]
-    assert (len(data["train"]), len(data["test"])) == (4, 1)
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (3, 1, 1)
 
 
 def test_a_folder_with_train_and_test_files_keeps_its_split(tmp_path):
     REVIEWS[:15].to_csv(tmp_path / "train.csv", index=False)
     REVIEWS[15:].to_csv(tmp_path / "test.csv", index=False)
     data = load_data(str(tmp_path), task="embedding")
-    assert data["test"]["text"] == list(REVIEWS.review[15:]) and len(data["train"]) == 15
+    assert data["test"]["text"] == list(REVIEWS.review[15:])
+    assert len(data["train"]) + len(data["validation"]) == 15 and len(data["validation"]) == 2  # carved from train
 
 
 def write_images(folder: Path, classes: dict[str, int]) -> None:
@@ -174,15 +186,15 @@ def test_an_image_folder_gives_images_and_class_names(tmp_path):
     data = load_data(str(tmp_path), task="image-cls")
     assert data["train"].column_names == ["image", "label"]
     assert data["train"].features["label"].names == ["cat", "dog", "eel"]
-    assert counts(data) == {"train": {0: 4, 1: 4, 2: 8}, "test": {0: 1, 1: 1, 2: 2}}
+    assert counts(data) == {"train": {0: 3, 1: 4, 2: 7}, "validation": {0: 1, 2: 1}, "test": {0: 1, 1: 1, 2: 2}}
     assert data["test"][0]["image"].size == (4, 4)
 
 
 def test_an_image_folder_with_train_and_test_subfolders_keeps_its_split(tmp_path):
-    write_images(tmp_path / "train", {"cat": 3, "dog": 3})
+    write_images(tmp_path / "train", {"cat": 5, "dog": 5})
     write_images(tmp_path / "test", {"cat": 1, "dog": 2})
     data = load_data(str(tmp_path), task="image-cls")
-    assert counts(data) == {"train": {0: 3, 1: 3}, "test": {0: 1, 1: 2}}
+    assert counts(data) == {"train": {0: 4, 1: 5}, "validation": {0: 1}, "test": {0: 1, 1: 2}}
 
 
 # --- errors --------------------------------------------------------------------------------------------------
@@ -247,7 +259,8 @@ def test_a_hub_dataset_config_follows_a_colon(monkeypatch):
     def fake_hub(path, name=None, split=None):  # stands in for the Hub: records what was asked for
         asked.append((path, name, split))
         rows = {"sentence": ["a fine film", "dull"], "label": [1, 0]}
-        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+        train = {"sentence": [f"review {i}" for i in range(20)], "label": [i % 2 for i in range(20)]}
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(train),
                                      "validation": datasets.Dataset.from_dict(rows),
                                      "test": datasets.Dataset.from_dict({**rows, "label": [-1, -1]})})
 
@@ -256,13 +269,42 @@ def test_a_hub_dataset_config_follows_a_colon(monkeypatch):
     assert asked == [("nyu-mll/glue", "sst2", None)]
     # GLUE's test split has no labels (-1): the validation split is held out instead.
     assert data["test"]["text"] == ["a fine film", "dull"] and data["test"]["label"] == [1, 0]
+    # ... and validation is carved from train (stratified, 10%).
+    assert (len(data["train"]), len(data["validation"])) == (18, 2) and sorted(data["validation"]["label"]) == [0, 1]
 
 @pytest.mark.parametrize("kwargs,start", [
     ({"task": "token-cls"}, "tokens_column=None: reviews.csv has no column named tokens or words; pass the tokens"),
     ({"task": "translation"}, "task=translation: is not a task; use one of seq-cls"),
     ({"task": "seq-cls", "test_ratio": 1.0}, "test_ratio=1.0: must be between 0 and 1"),
     ({"task": "seq-cls", "test_ratio": 0.01}, "test_ratio=0.01: leaves an empty split of the 20 rows"),
+    ({"task": "seq-cls", "validation_ratio": 0.0}, "validation_ratio=0.0: must be between 0 and 1"),
+    ({"task": "seq-cls", "validation_ratio": 1.5}, "validation_ratio=1.5: must be between 0 and 1"),
+    ({"task": "seq-cls", "validation_ratio": 0.01}, "validation_ratio=0.01: leaves an empty split of the 16 rows"),
 ])
 def test_bad_options_are_refused(tmp_path, kwargs, start):
     REVIEWS.to_csv(tmp_path / "reviews.csv", index=False)
     assert message(lambda: load_data(str(tmp_path / "reviews.csv"), **kwargs)).startswith(start)
+
+
+def test_a_class_too_small_to_stratify_is_refused(tmp_path):
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(21)], "label": ["a"] * 10 + ["b"] * 10 + ["rare"]})
+    frame.to_csv(tmp_path / "rare.csv", index=False)
+    assert message(lambda: load_data(str(tmp_path / "rare.csv"), task="seq-cls")) == (
+        "test_ratio=0.2: cannot stratify: class 'rare' has 1 row, which cannot be in both train and test; "
+        "add rows of that class, or drop it from the data")
+
+
+def test_recipes_have_fixed_splits():
+    assert message(lambda: load_data("rotten-tomatoes", task="seq-cls", validation_ratio=0.2)).startswith(
+        "validation_ratio=0.2: does not apply to the recipe rotten-tomatoes, whose splits are fixed")
+
+
+def test_validation_and_test_splits_that_share_rows_are_named(tmp_path, caplog):
+    train = pd.DataFrame({"text": [f"train {i}" for i in range(10)], "label": [i % 2 for i in range(10)]})
+    train.to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"text": ["same", "only in validation"], "label": [0, 1]}).to_csv(tmp_path / "validation.csv",
+                                                                                   index=False)
+    pd.DataFrame({"text": ["same", "only in test"], "label": [0, 1]}).to_csv(tmp_path / "test.csv", index=False)
+    data = load_data(str(tmp_path), task="seq-cls")
+    assert data["validation"]["text"] == ["same", "only in validation"] and len(data["train"]) == 10
+    assert "the validation and test splits share 1 rows" in caplog.text

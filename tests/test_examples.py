@@ -23,7 +23,7 @@ def smoke(script: str, out: Path) -> subprocess.CompletedProcess:
 def test_glue_smoke(tmp_path):
     done = smoke("glue.py", tmp_path)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["models"]["leaner"]["shape"]["layers"] == 4 and "accuracy" in report["models"]["base"]["quality"]
+    assert report["models"]["leaner"]["shape"]["layers"] == 4 and "accuracy" in report["models"]["base"]["quality"]["test"]
     assert "parameters: total" in done.stdout and (tmp_path / "leaner" / "README.md").is_file()
 
 
@@ -32,12 +32,12 @@ def test_imagenet_smoke(tmp_path):
     done = smoke("imagenet.py", tmp_path)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["models"]["leaner"]["shape"]["layers"] == 6 and report["models"]["leaner"]["shape"]["heads"] == 12
-    assert "accuracy" in report["models"]["leaner"]["quality"] and "FLOPs per sample" in done.stdout
+    assert "accuracy" in report["models"]["leaner"]["quality"]["test"] and "FLOPs per sample" in done.stdout
 
 
 def test_tinystories_smoke(tmp_path):
     done = smoke("tinystories.py", tmp_path)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["models"]["leaner"]["shape"] | {"layers": 2, "heads": 8} == report["models"]["leaner"]["shape"]
-    assert all(report["models"][m]["quality"]["perplexity"] > 1 for m in ("base", "leaner"))
+    assert all(report["models"][m]["quality"]["test"]["perplexity"] > 1 for m in ("base", "leaner"))
     assert "perplexity" in done.stdout

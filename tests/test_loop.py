@@ -82,15 +82,24 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
 
 def test_evaluation_best_checkpoint_and_metrics_log(tmp_path):
     m = model()
+    tested = []
+
+    def test_fn(net):  # scored once, after the best weights are back
+        tested.append(accuracy(net)["score"])
+        return {"score": tested[-1]}
+
     summary = train(m, loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=6, batch_size=8, lr=5e-2,
-                    eval_every=2, log_every=3), eval_fn=accuracy, progress=False)
+                    eval_every=2, log_every=3), eval_fn=accuracy, test_fn=test_fn, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [3, 6]
-    evals = [r for r in records if "eval" in r]
+    evals = [r for r in records if "validation" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
-    best = max(evals, key=lambda r: r["eval"]["score"])
-    assert summary["best"]["step"] == best["step"] and summary["best"]["score"] == best["eval"]["score"]
-    assert accuracy(m.eval())["score"] == best["eval"]["score"]  # the best weights are loaded back
+    best = max(evals, key=lambda r: r["validation"]["score"])
+    assert summary["validation"]["step"] == best["step"]
+    assert summary["validation"]["score"] == best["validation"]["score"]
+    assert accuracy(m.eval())["score"] == best["validation"]["score"]  # the best weights are loaded back
+    assert tested == [best["validation"]["score"]] and summary["test"] == {"score": tested[0], "step": best["step"]}
+    assert [r for r in records if "test" in r] == [{"step": 6, "test": summary["test"]}]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "last"]
 
 

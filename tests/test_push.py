@@ -556,19 +556,23 @@ def test_card_of_a_finetune_output(folders, tmp_path):
                       label_column="positive", config=TrainConfig(max_steps=2, batch_size=16, lr=1e-3))
     card = (out / "README.md").read_text()
     meta = front_matter(card)
-    best = result["best"]
+    validation, test = result["validation"], result["test"]
     assert meta["license"] == "mit"  # from the student's card, which has it from the teacher's
     assert meta["tags"] == ["reshape", "more-heads-less-depth", "text-classification"]
     assert "datasets" not in meta  # a local CSV is not a Hub dataset
     assert meta["model-index"] == [{"name": "tiny-sentiment", "results": [{
         "task": {"type": "text-classification"},
-        "dataset": {"name": "reviews.csv", "type": "reviews.csv", "split": "test"},
-        "metrics": [{"type": "accuracy", "value": round(best["accuracy"], 4), "name": "test accuracy"},
-                    {"type": "f1", "value": round(best["f1"], 4), "name": "test macro F1"}]}]}]
+        "dataset": {"name": "reviews.csv", "type": "reviews.csv", "split": split},
+        "metrics": [{"type": "accuracy", "value": round(scores["accuracy"], 4), "name": f"{split} accuracy"},
+                    {"type": "f1", "value": round(scores["f1"], 4), "name": f"{split} macro F1"}]}
+        for split, scores in (("validation", validation), ("test", test))]}]
     assert "| layers | 4 | 3 |" in card  # what changed, from the student's reshape.json
-    assert "### Fine-tuning" in card and "- Task: seq-cls; data: `reviews.csv` (48 training, 12 test examples)" in card
+    assert "### Fine-tuning" in card
+    assert "- Task: seq-cls; data: `reviews.csv` (43 training, 5 validation, 12 test examples)" in card
     assert "- 2 optimizer steps, batch 16 x 1 accumulation, peak learning rate 0.001, seed 0" in card
-    assert f"- Best held-out result (step 2): accuracy {best['accuracy']:.4f}, macro F1 {best['f1']:.4f}" in card
+    assert (f"- Validation (picks the checkpoint), step 2: accuracy {validation['accuracy']:.4f}, "
+            f"macro F1 {validation['f1']:.4f}") in card
+    assert f"- Test (scored once), step 2: accuracy {test['accuracy']:.4f}, macro F1 {test['f1']:.4f}" in card
     assert 'AutoModelForSequenceClassification.from_pretrained("tiny-sentiment")' in card
     assert json.loads((out / "finetune.json").read_text())["config"]["batch_size"] == 16
 

@@ -47,12 +47,39 @@ def test_finetune_learns_the_task_and_eval_agrees(folders, tmp_path):
     out = tmp_path / "ft"
     result = finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"),
                       label_column="positive", config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
-    assert result["steps"] == 60 and result["test_examples"] == 24
-    assert result["best"]["accuracy"] == 1.0  # one word decides the label: a tiny model learns it
+    assert result["steps"] == 60 and (result["validation_examples"], result["test_examples"]) == (10, 24)
+    assert result["validation"]["accuracy"] == 1.0  # one word decides the label: a tiny model learns it
+    assert result["test"]["accuracy"] == 1.0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "finetune.json", "metrics.jsonl",
                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     scored = evaluate(out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive")
-    assert scored["accuracy"] == result["best"]["accuracy"] and scored["examples"] == 24
+    assert scored["accuracy"] == result["test"]["accuracy"] and scored["examples"] == 24
+    on_validation = evaluate(out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",
+                             split="validation")
+    assert on_validation["accuracy"] == result["validation"]["accuracy"] and on_validation["examples"] == 10
+
+
+def test_the_checkpoint_is_chosen_on_validation_never_on_test(folders, tmp_path):
+    """Test labels scrambled (every one flipped), validation labels true: the model kept must be the one
+    best on validation, and test is scored once, on it."""
+    rows = [line.rsplit(",", 1) for line in (folders / "reviews.csv").read_text().splitlines()[1:]]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, part, flip in (("train", rows[:80], False), ("validation", rows[80:100], False),
+                             ("test", rows[100:], True)):
+        lines = [f"{text},{1 - int(label) if flip else label}" for text, label in part]
+        (data / f"{name}.csv").write_text("review,positive\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "ft"
+    result = finetune(folders / "student", out, task="seq-cls", data=str(data), label_column="positive",
+                      config=TrainConfig(max_steps=40, batch_size=16, lr=3e-3, eval_every=5))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validation = [(r["validation"]["score"], -r["step"]) for r in records if "validation" in r]
+    assert len(validation) == 8
+    best_step = -max(validation)[1]  # the first step with the best validation score
+    assert result["validation"]["step"] == best_step == result["test"]["step"]
+    assert [r["step"] for r in records if "test" in r] == [40]  # one test score, written after training
+    # The scrambled test split scores the chosen model badly: had test picked it, the worst step would have won.
+    assert result["validation"]["accuracy"] == 1.0 and result["test"]["accuracy"] == 0.0
 
 
 def test_a_new_task_head_is_seeded_whatever_ran_before(folders, tmp_path):
@@ -69,7 +96,8 @@ def test_log_kappa_records_each_layer_at_every_evaluation(folders, tmp_path):
     out = tmp_path / "kappa"
     finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",
              config=TrainConfig(max_steps=4, batch_size=16, eval_every=2), log_kappa=True)
-    evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    evals = [json.loads(line)["validation"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if '"validation"' in line]
     assert len(evals) == 2 and all(len(e["kappa"]) == 3 and min(e["kappa"]) >= 1 for e in evals)
 
 
@@ -103,7 +131,7 @@ def test_distillation_brings_the_student_closer_to_its_teacher(folders, tmp_path
     assert result["layer_map"] == [0, 2, 3]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if "loss" in r)
-    assert result["best"]["distill_loss"] < first["loss"] / 2
+    assert result["validation"]["distill_loss"] < first["loss"] / 2
     recipe = json.loads((out / "reshape.json").read_text())
     assert recipe["plan"]["keep"] == [0, 2, 3] and recipe["distillation"]["steps"] == 40
     assert tf.AutoModelForMaskedLM.from_pretrained(out).config.num_attention_heads == 4
@@ -127,7 +155,7 @@ def test_task_distillation_adds_the_labels_and_starts_from_the_teachers_head(fol
     result = distill(tmp_path / "teacher", folders / "student", out, task="seq-cls", **data,
                      config=TrainConfig(max_steps=40, batch_size=16, lr=3e-3, log_every=1))
     assert result["head_from_teacher"] == ["classifier.weight", "classifier.bias"]
-    assert result["best"]["accuracy"] == 1.0 and result["best"]["examples"] == 24
+    assert result["test"]["accuracy"] == 1.0 and result["test"]["examples"] == 24
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert {"task", "kl", "hidden"} <= set(logged[0])
     student = tf.AutoModelForSequenceClassification.from_pretrained(out)
@@ -182,7 +210,7 @@ def test_token_classification_tags_each_word(folders, tmp_path):
     out = tmp_path / "tagger"
     result = finetune(folders / "student", out, task="token-cls", data=str(tmp_path / "tags.jsonl"),
                       text_column="words", label_column="ner", config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
-    assert result["best"]["accuracy"] == 1.0 and result["best"]["examples"] == 20 * 6  # one score per word
+    assert result["test"]["accuracy"] == 1.0 and result["test"]["examples"] == 20 * 6  # one score per word
     model = tf.AutoModelForTokenClassification.from_pretrained(out)
     assert model.config.id2label == {0: "NEG", 1: "O", 2: "POS"}
     scored = evaluate(out, task="token-cls", data=str(tmp_path / "tags.jsonl"), text_column="words",
@@ -214,7 +242,7 @@ def test_image_classification_on_an_image_folder(images, tmp_path):
     out = tmp_path / "classifier"
     result = finetune(tmp_path / "vit", out, task="image-cls", data=str(images),
                       config=TrainConfig(max_steps=20, batch_size=8, lr=3e-3))
-    assert result["best"]["accuracy"] == 1.0 and result["test_examples"] == 10
+    assert result["test"]["accuracy"] == 1.0 and result["test_examples"] == 10
     assert tf.AutoModelForImageClassification.from_pretrained(out).config.id2label == {0: "dark", 1: "light"}
     assert (out / "preprocessor_config.json").is_file()
     assert evaluate(out, task="image-cls", data=str(images))["accuracy"] == 1.0
@@ -230,11 +258,11 @@ def test_timm_image_classification_saves_a_timm_folder(images, tmp_path):
     out = tmp_path / "classifier"
     result = finetune(tmp_path / "vit", out, task="image-cls", data=str(images),
                       config=TrainConfig(max_steps=20, batch_size=8, lr=3e-3))
-    assert result["best"]["accuracy"] == 1.0
+    assert result["test"]["accuracy"] == 1.0
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert reloaded.num_classes == 2 and json.loads((out / "config.json").read_text())["label_names"] == ["dark", "light"]
     assert evaluate(out, task="image-cls", data=str(images))["accuracy"] == 1.0
-    (tmp_path / "t.csv").write_text("text,label\na,0\nb,1\nc,0\nd,1\ne,0\n")
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{w},{i % 2}\n" for i, w in enumerate("abcdefghij")))
     with pytest.raises(ReshapeError, match="task=seq-cls: does not fit the timm image model"):
         evaluate(out, task="seq-cls", data=str(tmp_path / "t.csv"))
 
@@ -261,11 +289,17 @@ def test_cli_finetune_then_eval(folders, tmp_path):
     done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
                "--label-column", "positive", "-o", out, "--steps", 4, "--batch-size", 16, "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["steps"] == 4
+    summary = json.loads(done.stdout)
+    assert summary["steps"] == 4 and summary["validation"]["step"] == summary["test"]["step"] == 4
+    assert summary["validation"]["examples"] == 10 and summary["test"]["examples"] == 24
     scored = cli("eval", out, "--task", "seq-cls", "--data", folders / "reviews.csv", "--label-column", "positive",
                  "--json")
     assert scored.returncode == 0, scored.stderr
-    assert set(json.loads(scored.stdout)) == {"accuracy", "f1", "score", "examples"}
+    assert set(json.loads(scored.stdout)) == {"accuracy", "f1", "score", "examples", "split"}
+    assert json.loads(scored.stdout)["split"] == "test"
+    bad = cli("eval", out, "--task", "seq-cls", "--data", folders / "reviews.csv", "--split", "dev")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: split=dev: is not a split; use one of train, " \
+        "validation, test"
 
 
 def test_cli_bad_training_input(folders, tmp_path):

@@ -142,7 +142,9 @@ def test_report_with_data_scores_both_and_plots_quality(pair, tmp_path):
     result = reshape.report(pair / "base", pair / "leaner", data=str(tmp_path / "reviews.csv"), task="seq-cls",
                             batch_sizes=(1,), seq_len=8, repeats=1, out=tmp_path / "report")
     for name in ("base", "leaner"):
-        assert set(result["models"][name]["quality"]) >= {"accuracy", "f1"}
-    assert "quality.accuracy" in result["ratios"]
+        assert set(result["models"][name]["quality"]) == {"validation", "test"}
+        assert result["models"][name]["quality"]["validation"]["split"] == "validation"
+        assert set(result["models"][name]["quality"]["test"]) >= {"accuracy", "f1"}
+    assert {"quality.validation.accuracy", "quality.test.accuracy"} <= set(result["ratios"])
     assert (tmp_path / "report" / "quality_vs_params.png").stat().st_size > 0
     assert "conditioning measured on random inputs" not in " ".join(result["notes"])

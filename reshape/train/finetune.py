@@ -15,7 +15,7 @@ from ..errors import ReshapeError, fail
 from ..source import load_model as load_source_model
 from ..source import local_model, open_source
 from ..output import output_problems
-from .data import label_names, load_data, text_lengths
+from .data import DEFAULT_VALIDATION_RATIO, SPLITS, label_names, load_data, text_lengths
 from .losses import mean_pool
 from .loop import TrainConfig, is_main_process, train
 from .tasks import collator, get_task, load_model, preprocessor, score
@@ -23,7 +23,8 @@ from .tasks import collator, get_task, load_model, preprocessor, score
 
 def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config: TrainConfig = TrainConfig(),
              text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
-             max_length: int = 128, lora: int | None = None, resume: bool = False, overwrite: bool = False,
+             max_length: int = 128, lora: int | None = None, validation_ratio: float = DEFAULT_VALIDATION_RATIO,
+             resume: bool = False, overwrite: bool = False,
              keep_checkpoints: bool = False, log_kappa: bool = False, progress: bool = False) -> dict:
     """Fine-tune `model` (a folder, preset alias or Hub id) on `data`; write the best model to `out` and return its metrics."""
     out = Path(out)
@@ -33,7 +34,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
             raise ReshapeError(problems)
     spec = get_task(task)
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
-                        image_column=image_column, seed=config.seed)
+                        image_column=image_column, validation_ratio=validation_ratio)
     labels = label_names(dataset["train"]) if spec.labelled else None
     folder, _ = local_model(model)
     processor = preprocessor(folder, spec)
@@ -42,18 +43,19 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     if lora:
         net = _with_lora(net, lora, spec)
     collate = collator(processor, spec, max_length)
-    test = dataset["test"]
-    run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora}
+    validation, test = dataset["validation"], dataset["test"]
+    run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora,
+           "validation_ratio": validation_ratio}
     if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
         shutil.rmtree(out, ignore_errors=True)
     summary = train(net, lambda m, batch: (m(**batch).loss, {}), dataset["train"], collate, out, config,
-                    eval_fn=with_kappa(lambda m: score(m, test, collate, spec), test, collate, log_kappa),
-                    resume=resume, run=run,
+                    eval_fn=with_kappa(lambda m: score(m, validation, collate, spec), validation, collate, log_kappa),
+                    test_fn=lambda m: score(m, test, collate, spec), resume=resume, run=run,
                     lengths=text_lengths(dataset["train"]), progress=progress)
     if lora:
         net = net.merge_and_unload()  # plain weights again: OUT loads without peft
     result = {"task": task, "data": data, "model": str(model), "lora": lora, "config": asdict(config),
-              "train_examples": len(dataset["train"]),
+              "train_examples": len(dataset["train"]), "validation_examples": len(validation),
               "test_examples": len(test), **summary}
     if is_main_process():
         net.save_pretrained(out)
@@ -67,34 +69,37 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
 
 def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None = None,
              label_column: str | None = None, image_column: str | None = None, teacher: str | None = None,
-             max_length: int = 128, seed: int = 0) -> dict:
-    """Score `model` on the test split of `data`: accuracy and F1, perplexity, or (task "embedding")
-    the mean cosine between its mean-pooled sentence embeddings and `teacher`'s."""
+             max_length: int = 128, seed: int = 0, split: str = "test") -> dict:
+    """Score `model` on a split of `data` (test by default): accuracy and F1, perplexity, or (task
+    "embedding") the mean cosine between its mean-pooled sentence embeddings and `teacher`'s."""
+    if split not in SPLITS:
+        raise fail("split", split, "is not a split", f"use one of {', '.join(SPLITS)}")
     if task == "embedding":
-        return _embedding_cosine(model, teacher, data, text_column, max_length, seed)
+        return _embedding_cosine(model, teacher, data, text_column, max_length, split)
     if teacher is not None:
         raise fail("teacher", teacher, f"is only used by --task embedding, not {task}", "leave --teacher out")
     spec = get_task(task)
     dataset = load_data(data, task=task, text_column=text_column, label_column=label_column,
-                        image_column=image_column, seed=seed)
+                        image_column=image_column)
     folder, gguf_file = local_model(model, gguf=True)
     torch.manual_seed(seed)  # a model without the task's head gets a fresh one: make it the same every time
     net = load_model(folder, spec, gguf_file=gguf_file)
-    classes = len(label_names(dataset["test"])) if spec.labelled else None
+    classes = len(label_names(dataset[split])) if spec.labelled else None
     if spec.labelled and net.config.num_labels != classes:
         raise fail("task", task, f"needs {classes} labels but the model has {net.config.num_labels}",
                    "fine-tune it on this data first (reshape finetune)")
-    return score(net, dataset["test"], collator(preprocessor(folder, spec, gguf_file), spec, max_length), spec)
+    return {**score(net, dataset[split], collator(preprocessor(folder, spec, gguf_file), spec, max_length), spec),
+            "split": split}
 
 
 @torch.no_grad()
-def _embedding_cosine(model, teacher, data, text_column, max_length, seed, batch_size: int = 64) -> dict:
+def _embedding_cosine(model, teacher, data, text_column, max_length, split, batch_size: int = 64) -> dict:
     from transformers import AutoTokenizer
 
     if teacher is None:
         raise fail("teacher", None, "is needed by --task embedding to compare sentence embeddings with",
                    "pass --teacher, e.g. the model this one was converted from")
-    texts = load_data(data, task="embedding", text_column=text_column, seed=seed)["test"]["text"]
+    texts = load_data(data, task="embedding", text_column=text_column)[split]["text"]
     folder, gguf_file = local_model(model, gguf=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     student, reference = (load_source_model(open_source(str(m))) for m in (model, teacher))
@@ -107,7 +112,7 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, seed, batch
         cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=-1))
     cosine = torch.cat(cosines)
     return {"cosine": cosine.mean().item(), "min_cosine": cosine.min().item(), "score": cosine.mean().item(),
-            "examples": len(cosine)}
+            "examples": len(cosine), "split": split}
 
 
 def _with_lora(model, rank: int, task):

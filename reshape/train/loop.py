@@ -36,6 +36,7 @@ from ..errors import fail
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]  # must include "score" (higher is better)
+# Model selection reads the validation split only; the test split is scored once, on the selected model.
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,15 @@ def mixed_precision(requested: str) -> str:
 
 
 def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, out: Path, config: TrainConfig,
-          *, eval_fn: EvalFn | None = None, resume: bool = False, run: dict | None = None,
-          lengths: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
+          *, eval_fn: EvalFn | None = None, test_fn: EvalFn | None = None, resume: bool = False,
+          run: dict | None = None, lengths: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train `model` in place; keep checkpoints in out/checkpoints and metrics in out/metrics.jsonl.
     `lengths` (one per example, any unit) lets batches be grouped by length.
 
-    Returns a summary: steps, final and best evaluation. The best weights (by eval "score") are loaded
-    back into `model` at the end when an eval function is given.
+    `eval_fn` scores the validation split: every evaluation, and the choice of the best weights (by its
+    "score"), which are loaded back into `model` at the end. `test_fn` then scores the test split once,
+    on those weights. Returns a summary: steps, "validation" (the selected evaluation, with its step),
+    "last_validation" and "test".
     """
     out = Path(out)
     set_seed(config.seed)
@@ -122,7 +125,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
             result = eval_fn(accelerator.unwrap_model(model))
         model.train()
         state["last_eval"] = result
-        log({"eval": result})
+        log({"validation": result})
         if state["best"] is None or result["score"] > state["best"]["score"]:
             state["best"] = {**result, "step": state["step"]}
             _save_checkpoint(accelerator, checkpoints / "best", state)
@@ -175,8 +178,14 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     model = accelerator.unwrap_model(model)
     if state["best"] is not None and state["best"]["step"] != state["step"]:
         accelerator.load_state(str(checkpoints / "best"))
-    return {"steps": state["step"], "last_eval": state["last_eval"], "best": state["best"],
-            "fingerprint": fingerprint, "processes": accelerator.num_processes}
+    test = None
+    if test_fn is not None:
+        model.eval()
+        with torch.no_grad():
+            test = {**test_fn(model), "step": (state["best"] or state)["step"]}
+        log({"test": test})
+    return {"steps": state["step"], "validation": state["best"], "last_validation": state["last_eval"],
+            "test": test, "fingerprint": fingerprint, "processes": accelerator.num_processes}
 
 
 def is_main_process() -> bool:
