@@ -2,7 +2,8 @@
 
 Each row converts all-MiniLM-L6-v2, distils it on rotten-tomatoes-full text (hidden-state MSE through
 reshape.json's layer map, the `reshape distill` defaults), fine-tunes it on rotten-tomatoes fresh/rotten
-and reports test accuracy: the same budgets as examples/minilm_sentiment.py, over several seeds (the seed
+and reports test accuracy (each run's checkpoint picked on the validation split, its test split scored
+once, on that checkpoint): the same budgets as examples/minilm_sentiment.py, over several seeds (the seed
 drives distillation, fine-tuning and, for --init random, the initial weights). Rows:
 
 - baseline 6 x 12: fine-tuned only;
@@ -20,7 +21,9 @@ fine-tuning rate of both (the main job uses 1e-4).
 Before any training it also measures the relative error of the converted models' last hidden states
 against the source and against the 4 x 12 control on held-out review text, for both head splits (the
 aware one fitted on review text, and on random inputs).
-Finished (row, seed) results are kept in OUT/results.json, so a re-run skips them.
+Finished (row, seed) results are kept in OUT/results.json, so a re-run skips them. Besides the table it
+prints a paired comparison: each row minus the baseline on the same seed, with the mean and spread of the
+differences, and each row's mean test accuracy as a fraction of the baseline's.
 
     python benchmarks/recover.py [--seeds 2] [--distill-steps 150] [--epochs 1] [--lr 5e-5] [--task-distill]
                                  [--rows 1,2,4] [-o benchmarks/recover-out]
@@ -57,13 +60,17 @@ ROWS = {
 CALIB = "rotten-tomatoes-full"
 
 
-def run_row(options: dict | None, seed: int, work: Path, args) -> float:
+def scores(result: dict) -> dict[str, float]:
+    return {"validation": result["validation"]["accuracy"], "test": result["test"]["accuracy"]}
+
+
+def run_row(options: dict | None, seed: int, work: Path, args) -> dict[str, float]:
     finetune_budget = TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, seed=seed)
     baseline = work / f"baseline-seed{seed}"  # the fine-tuned baseline: the teacher of --task-distill
     if options is None:
         result = finetune(load_presets()["minilm"].local_folder(), baseline, task="seq-cls", data="rotten-tomatoes",
                           config=finetune_budget, max_length=64, overwrite=True)
-        return result["test"]["accuracy"]  # picked on validation, tested once
+        return scores(result)
     options = dict(options)
     distilled = options.pop("distill", True)
     reshape.convert("minilm", work / "converted", depth=4, seed=seed, calib=CALIB, overwrite=True, **options)
@@ -80,7 +87,7 @@ def run_row(options: dict | None, seed: int, work: Path, args) -> float:
     else:
         result = finetune(model, work / "finetuned", task="seq-cls", data="rotten-tomatoes", config=finetune_budget,
                           max_length=64, overwrite=True)
-    return result["test"]["accuracy"]  # picked on validation, tested once
+    return scores(result)
 
 
 @torch.no_grad()
@@ -128,7 +135,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    settings = {"distill_steps": args.distill_steps, "epochs": args.epochs}
+    # "selection": the checkpoint is picked on validation and test is scored once (older files picked on test).
+    settings = {"distill_steps": args.distill_steps, "epochs": args.epochs, "selection": "validation"}
     if args.lr != 5e-5 or args.task_distill:  # recorded only when set, so older results files still match
         settings.update(lr=args.lr, task_distill=args.task_distill)
     if results.get("settings", settings) != settings:
@@ -151,15 +159,29 @@ def main() -> None:
 
 
 def render(results: dict) -> None:
-    table = Table(title=f"MiniLM -> 4 layers on Rotten Tomatoes: test accuracy, {results['settings']}")
-    for column in ("row", "seeds", "accuracy (mean ± std)", "each seed"):
+    table = Table(title=f"MiniLM -> 4 layers on Rotten Tomatoes: accuracy, {results['settings']}")
+    for column in ("row", "seeds", "validation (mean)", "test (mean ± std)", "test, each seed"):
         table.add_column(column)
     for name, per_seed in results["accuracy"].items():
-        values = list(per_seed.values())
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        table.add_row(name, str(len(values)), f"{statistics.mean(values):.3f} ± {spread:.3f}",
-                      ", ".join(f"{v:.3f}" for v in values))
+        test = [v["test"] for v in per_seed.values()]
+        spread = statistics.stdev(test) if len(test) > 1 else 0.0
+        table.add_row(name, str(len(test)), f"{statistics.mean(v['validation'] for v in per_seed.values()):.3f}",
+                      f"{statistics.mean(test):.3f} ± {spread:.3f}", ", ".join(f"{v:.3f}" for v in test))
     console.print(table)
+    baseline = results["accuracy"].get("baseline 6 x 12", {})
+    paired = Table(title="Paired with the baseline of the same seed: test accuracy difference (row - baseline)")
+    for column in ("row", "seeds", "difference (mean ± std)", "each seed", "mean / baseline mean"):
+        paired.add_column(column)
+    for name, per_seed in results["accuracy"].items():
+        seeds = [s for s in per_seed if s in baseline]
+        if name == "baseline 6 x 12" or not seeds:
+            continue
+        diffs = [per_seed[s]["test"] - baseline[s]["test"] for s in seeds]
+        ratio = statistics.mean(per_seed[s]["test"] for s in seeds) / statistics.mean(baseline[s]["test"] for s in seeds)
+        paired.add_row(name, str(len(seeds)), f"{statistics.mean(diffs):+.4f} ± "
+                       f"{statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.4f}",
+                       ", ".join(f"{d:+.3f}" for d in diffs), f"{ratio:.1%}")
+    console.print(paired)
     errors = Table(title="Relative error of the last hidden states before training (held-out reviews)")
     for column in ("model", "vs source", "vs 4 x 12 control"):
         errors.add_column(column)

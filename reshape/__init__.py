@@ -1,12 +1,30 @@
-"""reshape: rebuild transformers with more attention heads and fewer layers (arXiv 2505.20802)."""
+"""reshape: rebuild transformers with more attention heads and fewer layers (arXiv 2505.20802).
 
-__version__ = "0.1.0"
+The public API is imported on first use (PEP 562), so `import reshape` and `reshape --help` do not
+pay for torch, transformers and timm until a function that needs them is called.
+"""
 
-from .pipeline import convert, inspect, leaner, load  # noqa: E402
-from .hub import push  # noqa: E402
-from .report import report  # noqa: E402
-from .errors import Problem, ReshapeError  # noqa: E402
-from .plan import Plan, Shape, make_plan, select_layers  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["Plan", "Problem", "ReshapeError", "Shape", "convert", "inspect", "leaner", "load", "make_plan", "push", "report",
-           "select_layers"]
+import importlib
+
+from .version import __version__
+
+# public name -> the module that defines it
+_API = {"convert": "pipeline", "inspect": "pipeline", "leaner": "pipeline", "load": "pipeline", "push": "hub",
+        "report": "report", "Problem": "errors", "ReshapeError": "errors", "Plan": "plan", "Shape": "plan",
+        "make_plan": "plan", "select_layers": "plan"}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'reshape' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

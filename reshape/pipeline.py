@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .errors import Problem, ReshapeError, fail
 from .families import FAMILIES, ModelSpec, find_family
 from .headsplit import attention_input_covariances

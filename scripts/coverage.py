@@ -12,7 +12,8 @@ q/k norms over the head dim forbid keep-width). Each type gets one verdict:
   refused    reshape refused it with a one-line reason (shown)
   crash      any other exception: a bug
   excluded   not in the denominator: not a single-tower attention model (multimodal wrappers, models
-             with per-stage or no head counts), or no tiny model could be built offline (the reason)
+             with per-stage or no head counts), or no tiny model could be built from the shared sizes
+             in reshape.testing (the reason)
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import platform
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -77,7 +80,7 @@ def check(model_type: str) -> tuple[str, str]:
     except Exception as e:  # the type's own code: a download, an extra package, a config we cannot size
         if model_type in POPULAR:
             return "crash", f"tiny model not built: {type(e).__name__}: {_line(e)}"
-        return "excluded", f"tiny model not built offline ({type(e).__name__}: {_line(e)})"
+        return "excluded", f"no tiny model from the shared sizes ({type(e).__name__}: {_line(e)})"
 
     def first(out):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -114,6 +117,44 @@ def check(model_type: str) -> tuple[str, str]:
         return "crash", f"{type(e).__name__}: {_line(e)}"
 
 
+def work(types: list[str]) -> None:
+    """Check types in this process, one JSON line each ("building" first, so a death can be placed)."""
+    signal.signal(signal.SIGALRM, _alarm)
+    for model_type in types:
+        print(json.dumps({"building": model_type}), flush=True)
+        signal.alarm(SECONDS_PER_TYPE)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                verdict, detail = check(model_type)
+        except Timeout:
+            verdict, detail = ("crash" if model_type in POPULAR else "excluded"), f"over {SECONDS_PER_TYPE} s"
+        finally:
+            signal.alarm(0)
+        print(json.dumps({"type": model_type, "verdict": verdict, "detail": detail}), flush=True)
+
+
+def supervise(types: list[str]) -> list[tuple[str, str, str]]:
+    """Run a worker process over `types`; if it dies (a tiny config that asks for gigabytes can bring
+    the kernel's OOM killer), the type it was on is recorded and the caller starts another for the rest."""
+    command = [sys.executable, __file__, "--worker", *types]
+    rows, current = [], None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as worker:
+        for line in worker.stdout:
+            if not line.startswith("{"):  # something a model's code printed
+                continue
+            record = json.loads(line)
+            if "building" in record:
+                current = record["building"]
+                continue
+            rows.append((record["type"], record["verdict"], record["detail"]))
+            print(f"{record['type']:32s} {record['verdict']:9s} {record['detail']}", flush=True)
+    if len(rows) < len(types):
+        verdict = "crash" if current in POPULAR else "excluded"
+        rows.append((current, verdict, f"the checking process died (exit {worker.returncode}, e.g. out of memory)"))
+        print(f"{current:32s} {verdict:9s} {rows[-1][2]}", flush=True)
+    return rows
+
+
 def _line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else "no message")[:220].replace("|", "/")
@@ -124,6 +165,7 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every model type with a base model, not only the 47")
     parser.add_argument("--write", type=Path, help="write the table as Markdown to this file")
     parser.add_argument("types", nargs="*", help="model types to check (default: the 47, or --all)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -135,19 +177,12 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     types = args.types or (sorted(MODEL_MAPPING_NAMES) if args.all else POPULAR)
-    signal.signal(signal.SIGALRM, _alarm)
+    if args.worker:
+        work(types)
+        return
     rows = []
-    for model_type in types:
-        signal.alarm(SECONDS_PER_TYPE)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                verdict, detail = check(model_type)
-        except Timeout:
-            verdict, detail = ("crash" if model_type in POPULAR else "excluded"), f"over {SECONDS_PER_TYPE} s"
-        finally:
-            signal.alarm(0)
-        rows.append((model_type, verdict, detail))
-        print(f"{model_type:32s} {verdict:9s} {detail}", flush=True)
+    while len(rows) < len(types):
+        rows += supervise(types[len(rows):])
     counted = [r for r in rows if r[1] != "excluded"]
     native = sum(r[1] == "native" for r in counted)
     tally = {v: sum(r[1] == v for r in rows) for v in ("native", "refused", "crash", "excluded")}
@@ -174,7 +209,7 @@ Each model type is built as a tiny random config in code, offline (`reshape.test
 a no-op plan reproduces the outputs and doubled heads with two thirds of the depth run (keep-head-dim where
 q/k norms over the head dim forbid keep-width). *refused*: a one-line reason. *crash*: a bug. *excluded*:
 outside the denominator (multimodal wrappers, models with per-stage or no head counts, types whose tiny model
-cannot be built offline), with the reason. The 47 popular types are also checked, with plain-transformers
+cannot be built from the shared sizes in `reshape.testing`), with the reason. The 47 popular types are also checked, with plain-transformers
 reloads, by `tests/test_conformance.py`.
 
 **{summary}**

@@ -15,6 +15,7 @@ from .hf_generic import GENERIC
 from .timm_vit import TIMM_VIT
 from .timm_eva import TIMM_EVA
 from .timm_cait import TIMM_CAIT
+from .timm_convit import TIMM_CONVIT
 from .timm_davit import TIMM_DAVIT
 from .timm_swin import TIMM_SWIN
 from .timm_swinv2 import TIMM_SWINV2
@@ -23,8 +24,8 @@ from .timm_xcit import TIMM_XCIT
 
 # The declared adapters first (hand-written weight maps for the families reshape started with), then the
 # generic transformers adapter, which reads any other transformers model from its structure.
-FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_EVA, TIMM_XCIT, TIMM_CAIT, TIMM_DAVIT, TIMM_SWIN, TIMM_SWINV2,
-                           TIMM_TNT, GENERIC]
+FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_EVA, TIMM_XCIT, TIMM_CAIT, TIMM_CONVIT, TIMM_DAVIT, TIMM_SWIN,
+                           TIMM_SWINV2, TIMM_TNT, GENERIC]
 
 
 def register(family: Family) -> None:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import Problem, ReshapeError, fail
 from ..output import output_problems, staged
 from ..plan import Plan, target_shape
