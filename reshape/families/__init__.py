@@ -20,12 +20,13 @@ from .timm_davit import TIMM_DAVIT
 from .timm_swin import TIMM_SWIN
 from .timm_swinv2 import TIMM_SWINV2
 from .timm_tnt import TIMM_TNT
+from .timm_twins import TIMM_TWINS
 from .timm_xcit import TIMM_XCIT
 
 # The declared adapters first (hand-written weight maps for the families reshape started with), then the
 # generic transformers adapter, which reads any other transformers model from its structure.
 FAMILIES: list[Family] = [*_HF_FAMILIES, TIMM_VIT, TIMM_EVA, TIMM_XCIT, TIMM_CAIT, TIMM_CONVIT, TIMM_DAVIT, TIMM_SWIN,
-                           TIMM_SWINV2, TIMM_TNT, GENERIC]
+                           TIMM_SWINV2, TIMM_TNT, TIMM_TWINS, GENERIC]
 
 
 def register(family: Family) -> None:
