@@ -90,6 +90,8 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
     plan = any_plan(shape, family=family.name, heads=heads, depth=depth,
                     can_widen_attention=family.can_widen_attention, can_split_aware=family.can_split_aware,
                     **({"inner": inner} if inner else {}), **options)
+    if options.get("keep") is None and options.get("select", "uniform") == "uniform":
+        plan = family.align_plan(shape, plan)
     problem = family.plan_problem(shape, plan)
     if problem:
         raise ReshapeError([problem])

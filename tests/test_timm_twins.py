@@ -149,9 +149,6 @@ def test_converted_folder_reloads_with_plain_timm(tmp_path):
     (dict(heads=HEADS, head_split="aware"), "head_split=aware: is not available for timm-twins"),
     (dict(heads=HEADS, mlp=32), "mlp=32: would give one MLP width to stages of different widths"),
     (dict(heads=[2, 4, 5, 8]), "heads[stage 2]=5: does not divide"),
-    # 4 -> 3 spread evenly keeps 0,2,3: block 2 (local) would land on position 1 (global)
-    (dict(depth=[2, 2, 3, 2]), "depth=2,2,3,2: keeps blocks 0,2,3 of stage 2, which puts block 2 (local attention) "
-                               "at position 1, where Twins-SVT builds global attention"),
     (dict(depth=[2, 2, 2, 1], select="last"), "depth=2,2,2,1: drops block 0 of stage 2"),
 ])
 def test_refused_plans_are_one_line(plan, expected):
@@ -161,11 +158,15 @@ def test_refused_plans_are_one_line(plan, expected):
     assert "\n" not in str(e.value)
 
 
-def test_the_refusal_names_plans_that_work():
+def test_the_even_spread_is_moved_in_step_with_the_kinds():
+    """4 -> 3 blocks spread evenly would keep 0,2,3 and put block 2 (local) on position 1 (global): the
+    adapter keeps 0,1,2 instead, each block on a position of its own kind."""
     model = make("svt")
-    with pytest.raises(ReshapeError) as e:
-        reshape.leaner(model, depth=[2, 2, 3, 2])
-    assert str(e.value).endswith("use --select first, or --depth 2,2,2,2 (spread evenly, in step)")
-    for fix in (dict(depth=[2, 2, 3, 2], select="first"), dict(depth=[2, 2, 2, 2])):
-        new = reshape.leaner(model, **fix)
-        assert kinds(new)[2] == ["LocallyGroupedAttn", "GlobalSubSampleAttn", "LocallyGroupedAttn"][:len(new.blocks[2])]
+    spec = find_family(model).spec(model)
+    plan = reshape.pipeline.plan_for(spec, None, [2, 2, 3, 2])
+    assert plan.keep[2] == [0, 1, 2]
+    new = reshape.leaner(model, depth=[2, 2, 3, 2])
+    assert kinds(new)[2] == ["LocallyGroupedAttn", "GlobalSubSampleAttn", "LocallyGroupedAttn"]
+    for j, i in enumerate(plan.keep[2]):
+        for name, tensor in model.blocks[2][i].state_dict().items():
+            assert torch.equal(new.blocks[2][j].state_dict()[name], tensor), name

@@ -104,6 +104,11 @@ class Family(ABC):
         """The adapter for this particular model (the generic transformers adapter reads it from the structure)."""
         return self
 
+    def align_plan(self, shape: Shape, plan: Plan) -> Plan:
+        """The plan with its evenly spread layers moved where the family needs them (Twins-SVT: each kept
+        block on a position of its own attention kind); called only for the default uniform selection."""
+        return plan
+
     def plan_problem(self, shape: Shape, plan: Plan) -> Problem | None:
         """Why the family cannot carry out this plan, or None."""
         return None

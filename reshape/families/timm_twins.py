@@ -26,7 +26,7 @@ that drops it (`--select last`) is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -78,6 +78,17 @@ class TimmTwins(TimmStagedFamily):
             kinds.append(tuple("local" if isinstance(b.attn, LocallyGroupedAttn) else "global" for b in stage))
         return TwinsShape(tuple(stages), tuple(kinds))
 
+    def align_plan(self, shape, plan):
+        """Evenly spread, but in step: each new position j takes the source block of position j's kind
+        nearest to where the even spread would put it, after the block before it (block 0 stays first)."""
+        stages = []
+        for kinds, stage in zip(shape.kinds, plan.stages):
+            kept = list(stage.keep)
+            if not _in_step(kinds, kept):
+                kept = _aligned(kinds, kept)
+            stages.append(replace(stage, keep=tuple(kept)))
+        return replace(plan, stages=tuple(stages))
+
     def plan_problem(self, shape, plan):
         depth = ",".join(map(str, plan.depth))
         kinds = shape.kinds
@@ -103,6 +114,30 @@ class TimmTwins(TimmStagedFamily):
 
     def new_config(self, config, shape, plan):
         return self._new_args(config, depths=tuple(plan.depth), num_heads=tuple(plan.heads))
+
+
+def _aligned(kinds: tuple[str, ...], spread: list[int]) -> list[int]:
+    """For each new position j, the block of kind kinds[j] nearest spread[j] that leaves room for the
+    positions after it; the even spread itself when no such choice exists (plan_problem then says so)."""
+    kept, after = [], -1
+    for j, target in enumerate(spread):
+        room = len(spread) - j - 1  # blocks still to place after this one
+        options = [i for i in range(after + 1, len(kinds) - room) if kinds[i] == kinds[j]
+                   and _fits(kinds, i, j + 1, len(spread))]
+        if not options:
+            return spread
+        after = min(options, key=lambda i: (abs(i - target), i))
+        kept.append(after)
+    return kept
+
+
+def _fits(kinds: tuple[str, ...], last: int, position: int, depth: int) -> bool:
+    """Can positions position..depth-1 still be filled, in step, from the blocks after `last`?"""
+    for j in range(position, depth):
+        last = next((i for i in range(last + 1, len(kinds)) if kinds[i] == kinds[j]), None)
+        if last is None:
+            return False
+    return True
 
 
 def _in_step(kinds: tuple[str, ...], kept) -> bool:
