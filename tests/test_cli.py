@@ -311,13 +311,18 @@ def test_out_inside_the_source_folder_is_refused(models, tmp_path):
     assert sorted(p.name for p in source.iterdir()) == before
 
 
-def test_every_command_is_documented_in_the_readme():
+def test_the_cli_reference_is_generated_from_the_cli_and_up_to_date():
     from reshape.cli import app
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "cli_reference.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # stale: run python scripts/cli_reference.py
+    reference = (root / "docs" / "reference" / "cli.md").read_text()
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]
     assert {"convert", "inspect", "distill", "finetune", "eval", "report", "sweep", "presets"} <= set(commands)
-    assert [c for c in commands if f"reshape {c} " not in readme] == []
+    assert [c for c in commands if f"## reshape {c}\n" not in reference] == []
+    assert "docs/reference/cli.md" in (root / "README.md").read_text()
 
 
 def test_presets_lists_every_preset_file():
