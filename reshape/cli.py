@@ -29,8 +29,10 @@ Depth = Annotated[Optional[str], typer.Option(
     help="New number of layers; one per stage for hierarchical models, e.g. 1,1,5,1.")]
 InnerHeads = Annotated[Optional[int], typer.Option(help="New heads of an inner attention (TNT's pixel attention).")]
 Keep = Annotated[Optional[str], typer.Option(help="Explicit layers to keep, e.g. 0,2,4,7,9,11.")]
-Select = Annotated[str, typer.Option(
-    help="Layer selection: uniform (first and last kept), first, last, or importance (needs --calib).")]
+Select = Annotated[Optional[str], typer.Option(
+    help="Layer selection: uniform (first and last kept), first, last, late (drop a contiguous late-middle run, "
+         "as ShortGPT), or importance (needs --calib). Default: late for decoder-only language models, "
+         "else uniform.")]
 KeepHeadDim = Annotated[bool, typer.Option(
     "--keep-head-dim", help="Keep the head dim and grow the attention width (function-preserving init).")]
 Mlp = Annotated[Optional[int], typer.Option(help="New MLP width; keeps the neurons with the largest weight norms.")]
@@ -101,7 +103,7 @@ def convert(
     depth: Depth = None,
     inner_heads: InnerHeads = None,
     keep: Keep = None,
-    select: Select = "uniform",
+    select: Select = None,
     keep_head_dim: KeepHeadDim = False,
     mlp: Mlp = None,
     init: Init = "transfer",
@@ -151,7 +153,7 @@ def inspect(
     depth: Depth = None,
     inner_heads: InnerHeads = None,
     keep: Keep = None,
-    select: Select = "uniform",
+    select: Select = None,
     keep_head_dim: KeepHeadDim = False,
     mlp: Mlp = None,
     init: Init = "transfer",

@@ -25,9 +25,10 @@ from .output import output_problems, staged
 from .plan import Plan, legal_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
-from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape, transfer_stages
+from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
 from .summary import count_params, describe
-from .transfer import load_into, parent_heads, transfer_state
+from .plan import parent_heads
+from .transfer import load_into, transfer_stages, transfer_state
 
 log = logging.getLogger("reshape")
 
@@ -39,7 +40,8 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
            calib: Iterable[dict] | None = None, **options) -> nn.Module:
     """A new model of the same class with `heads` attention heads and `depth` layers; `model` is untouched.
 
-    Options: keep (layer indices), select ("uniform" | "first" | "last"), keep_head_dim, mlp,
+    Options: keep (layer indices), select ("uniform" | "first" | "last" | "late"; by default late for
+    decoder-only language models, else uniform), keep_head_dim, mlp,
     init ("transfer" | "random"), head_split ("aware" | "contiguous"; aware where it applies by
     default), allow_fewer_heads, force. `calib`, batches of model inputs, weights the aware head split
     by real activations. With neither heads nor depth, the architecture's preset is used if one
@@ -82,6 +84,8 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
             heads, depth = any_rule_of_thumb(shape)
             log.warning("reshape: no heads/depth given; using the rule of thumb (double the heads where the "
                         "width allows, two thirds of the depth): %s heads, %s layers", heads, depth)
+    if options.get("select") is None:  # the default depends on the model: see default_select
+        options["select"] = default_select(family, spec.config)
     refused = [Problem(option, options[option], reason, f"leave --{option.replace('_', '-')} out")
                for option, reason in family.refuses.items() if options.get(option)]
     if refused:
@@ -90,7 +94,7 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
     plan = any_plan(shape, family=family.name, heads=heads, depth=depth,
                     can_widen_attention=family.can_widen_attention, can_split_aware=family.can_split_aware,
                     **({"inner": inner} if inner else {}), **options)
-    if options.get("keep") is None and options.get("select", "uniform") == "uniform":
+    if options.get("keep") is None and options["select"] == "uniform":
         plan = family.align_plan(shape, plan)
     problem = family.plan_problem(shape, plan)
     if problem:
@@ -103,6 +107,13 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
         raise fail("heads", plan.heads, f"gives a config that {family.library} refuses ({problem})",
                    f"use one of {', '.join(map(str, legal))}")
     return plan
+
+
+def default_select(family, config) -> str:
+    """How layers are picked when nobody said: evenly spread for encoders and vision models (DistilBERT's
+    rule), a contiguous late-middle run dropped for decoder-only language models (ShortGPT's finding;
+    spreading the cut evenly wrecks a decoder: see docs/results/decoder-default.md)."""
+    return "late" if family.decoder_only(config) else "uniform"
 
 
 def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, share_weights: bool = False,

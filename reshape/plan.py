@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from .errors import Problem, ReshapeError
 
 HEAD_MODES = ("keep-width", "keep-head-dim")
-STRATEGIES = ("uniform", "first", "last")
+STRATEGIES = ("uniform", "first", "last", "late")
 INITS = ("transfer", "random")
 HEAD_SPLITS = ("aware", "contiguous")
 MIN_HEAD_DIM = 8  # below this a head can hardly hold a query/key subspace; --force overrides
@@ -72,6 +72,10 @@ def select_layers(layers: int, depth: int, strategy: str) -> tuple[int, ...]:
         return tuple(range(depth))
     if strategy == "last":
         return tuple(range(layers - depth, layers))
+    if strategy == "late":
+        # ShortGPT's finding for decoders: the late-middle blocks matter least. Drop one contiguous run of
+        # them, just before the last block, which (like the first ones) the output head depends on most.
+        return tuple(range(depth - 1)) + (layers - 1,) if depth > 1 else (0,)
     # uniform: evenly spaced with first and last kept (DistilBERT-style). Spacing is >= 1, so
     # rounding half up never repeats an index.
     if depth == 1:
@@ -97,6 +101,27 @@ def target_shape(shape: Shape, plan: Plan) -> Shape:
         hidden=shape.hidden,
         mlp=plan.mlp or shape.mlp,
     )
+
+
+def head_sources(shape: Shape, new_heads: int) -> list[int]:
+    """For each new head, the source head it copies, spread evenly. With KV groups, each new query
+    head copies a source head of its own group, so it keeps attending with the same K/V."""
+    groups = shape.kv_heads if shape.grouped else 1
+    old_per_group = shape.heads // groups
+    new_per_group = new_heads // groups
+    return [
+        (j // new_per_group) * old_per_group + (j % new_per_group) * old_per_group // new_per_group
+        for j in range(new_heads)
+    ]
+
+
+def parent_heads(shape: Shape, plan: Plan) -> list[int]:
+    """For each new head, the source head it comes from: the copied head when the head dim is kept,
+    else the source head that holds the new head's first channel."""
+    if plan.head_mode == "keep-head-dim":
+        return head_sources(shape, plan.heads)
+    new_dim = shape.attn_width // plan.heads
+    return [j * new_dim // shape.head_dim for j in range(plan.heads)]
 
 
 def legal_heads(shape: Shape, keep_head_dim: bool) -> list[int]:

@@ -10,10 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-import torch
-
 from .errors import Problem, ReshapeError, fail
-from .families.base import BlockWeights  # not the registry: the DaViT adapter imports this module
 from .plan import Plan, Shape, make_plan, rule_of_thumb, target_shape
 
 PER_STAGE = ("heads", "depth")  # the plan fields given as one number per stage
@@ -95,16 +92,6 @@ def result_shape(shape: Shape | StagedShape, plan: Plan | StagedPlan) -> Shape |
     if isinstance(shape, StagedShape):
         return StagedShape(tuple(map(target_shape, shape.stages, plan.stages)))
     return target_shape(shape, plan)
-
-
-def transfer_stages(source: dict[str, torch.Tensor], prefixes: list[str], weights: BlockWeights,
-                    shape: StagedShape, plan: StagedPlan) -> dict[str, torch.Tensor]:
-    """`transfer_state` once per stage: each pass renumbers one stage's blocks and keeps the rest."""
-    from .transfer import transfer_state  # it imports the registry, which imports this module
-
-    for prefix, stage_shape, stage_plan in zip(prefixes, shape.stages, plan.stages):
-        source = transfer_state(source, prefix, weights, stage_shape, stage_plan)
-    return source
 
 
 def _staged_plan(shape: StagedShape, *, family: str, heads, depth, keep, **options) -> StagedPlan:

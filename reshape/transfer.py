@@ -20,7 +20,8 @@ from torch import nn
 from .errors import fail
 from .families.base import BlockWeights, Proj
 from .headsplit import aware_split
-from .plan import Plan, Shape, target_shape
+from .plan import Plan, Shape, head_sources, parent_heads, target_shape
+from .stages import StagedPlan, StagedShape
 
 
 def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights: BlockWeights,
@@ -59,6 +60,14 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
     return state
 
 
+def transfer_stages(source: dict[str, torch.Tensor], prefixes: list[str], weights: BlockWeights,
+                    shape: StagedShape, plan: StagedPlan) -> dict[str, torch.Tensor]:
+    """`transfer_state` once per stage: each pass renumbers one stage's blocks and keeps the rest."""
+    for prefix, stage_shape, stage_plan in zip(prefixes, shape.stages, plan.stages):
+        source = transfer_state(source, prefix, weights, stage_shape, stage_plan)
+    return source
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Assign `state` to `model`, after checking every key and shape (nanoGPT-style)."""
     expected = model.state_dict()
@@ -73,27 +82,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             raise fail("model", key, f"has shape {tuple(tensor.shape)} but the rebuilt model expects "
                        f"{tuple(expected[key].shape)}", "report this model to reshape's issue tracker")
     model.load_state_dict(state, assign=True, strict=True)
-
-
-def head_sources(shape: Shape, new_heads: int) -> list[int]:
-    """For each new head, the source head it copies, spread evenly. With KV groups, each new query
-    head copies a source head of its own group, so it keeps attending with the same K/V."""
-    groups = shape.kv_heads if shape.grouped else 1
-    old_per_group = shape.heads // groups
-    new_per_group = new_heads // groups
-    return [
-        (j // new_per_group) * old_per_group + (j % new_per_group) * old_per_group // new_per_group
-        for j in range(new_heads)
-    ]
-
-
-def parent_heads(shape: Shape, plan: Plan) -> list[int]:
-    """For each new head, the source head it comes from: the copied head when the head dim is kept,
-    else the source head that holds the new head's first channel."""
-    if plan.head_mode == "keep-head-dim":
-        return head_sources(shape, plan.heads)
-    new_dim = shape.attn_width // plan.heads
-    return [j * new_dim // shape.head_dim for j in range(plan.heads)]
 
 
 def widen_heads(layer: dict, weights: BlockWeights, shape: Shape, new: Shape) -> None:

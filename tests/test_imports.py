@@ -44,9 +44,14 @@ def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     edges = {}
     for name, path in modules.items():
-        # importing a.b.c runs a/__init__ and a/b/__init__ first: only the module itself is an edge here,
-        # as Python resolves packages before their submodules without a cycle of their own
-        edges[name] = {target for target in imports(path) if target in modules}
+        targets = set()
+        for target in imports(path):
+            # importing reshape.a.b runs reshape/a/__init__.py first: that package is reached too
+            parts = target.split(".")
+            targets |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        # a module's own parent packages are already being imported when it runs: not an edge back
+        edges[name] = {t for t in targets if t in modules and t != name and not package.startswith(t)}
     return edges
 
 

@@ -3,8 +3,7 @@
 import pytest
 
 from reshape.errors import ReshapeError
-from reshape.plan import Shape, make_plan, rule_of_thumb, select_layers, target_shape
-from reshape.transfer import head_sources
+from reshape.plan import Shape, head_sources, make_plan, rule_of_thumb, select_layers, target_shape
 
 BERT_BASE = Shape(layers=12, heads=12, kv_heads=12, head_dim=64, hidden=768, mlp=3072)
 SMOLLM2 = Shape(layers=30, heads=9, kv_heads=3, head_dim=64, hidden=576, mlp=1536)
@@ -94,3 +93,24 @@ def test_head_sources_stay_in_their_kv_group():
     mha = Shape(layers=2, heads=4, kv_heads=4, head_dim=8, hidden=32, mlp=64)
     assert head_sources(mha, 6) == [0, 0, 1, 2, 2, 3]
     assert head_sources(mha, 4) == [0, 1, 2, 3]
+
+
+def test_late_selection_drops_one_contiguous_run_before_the_last_layer():
+    assert select_layers(30, 22, "late") == (*range(21), 29)  # ShortGPT-style: layers 21..28 go
+    assert select_layers(6, 6, "late") == tuple(range(6)) and select_layers(6, 1, "late") == (0,)
+
+
+def test_decoders_drop_late_middle_layers_by_default_and_encoders_spread_evenly():
+    from reshape.pipeline import default_select, plan_for
+    from reshape.source import spec_of
+    from reshape.testing import tiny_config
+
+    for model_type, expected, kind in (("llama", (0, 1, 2, 5), "late"), ("qwen3", (0, 1, 2, 5), "late"),
+                                       ("bert", (0, 2, 3, 5), "uniform"), ("t5", None, "uniform"),
+                                       ("vit", (0, 2, 3, 5), "uniform")):
+        spec = spec_of(tiny_config(model_type))
+        assert default_select(spec.family, spec.config) == kind, model_type
+        if expected:
+            assert plan_for(spec, None, 4).keep == expected, model_type
+    llama = spec_of(tiny_config("llama"))
+    assert plan_for(llama, None, 4, select="uniform").keep == (0, 2, 3, 5)  # asked for: honoured

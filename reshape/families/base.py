@@ -104,6 +104,10 @@ class Family(ABC):
         """The adapter for this particular model (the generic transformers adapter reads it from the structure)."""
         return self
 
+    def decoder_only(self, config: Any) -> bool:
+        """Whether the model is a decoder-only language model, whose layers `--select late` drops by default."""
+        return False
+
     def align_plan(self, shape: Shape, plan: Plan) -> Plan:
         """The plan with its evenly spread layers moved where the family needs them (Twins-SVT: each kept
         block on a position of its own attention kind); called only for the default uniform selection."""

@@ -117,6 +117,15 @@ class HFFamily(Family):
     def save(self, model, spec, out: Path):
         model.save_pretrained(out)
 
+    def decoder_only(self, config) -> bool:
+        # A type with a causal-LM head and no masked-LM head (BERT has both) and one stack is a decoder.
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        kind = getattr(config, "model_type", None)
+        return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+                and not getattr(config, "is_encoder_decoder", False))
+
     def finalize(self, model):
         model.tie_weights()
 

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import Problem
 from ..plan import MIN_HEAD_DIM, Shape, target_shape
-from ..transfer import parent_heads
+from ..plan import parent_heads
 from .timm_vit import TimmFamily, mlp_ratio, timm_block_weights
 
 TALKING = ("attn.proj_l", "attn.proj_w")

@@ -37,7 +37,7 @@ from torch import nn
 from .. import transfer
 from ..errors import fail
 from ..families import BlockWeights, Proj
-from ..plan import Plan, Shape, target_shape
+from ..plan import Plan, Shape, head_sources, target_shape
 
 VIEWS = {"view", "reshape"}
 SOFTMAX = {torch.softmax, F.softmax}
@@ -591,7 +591,7 @@ def widen_heads(gm: fx.GraphModule, sites: list[Site], heads: int) -> fx.GraphMo
         new = target_shape(shape, Plan(heads, keep=(0,), head_mode="keep-head-dim"))
         _widen_linears(gm, proj, shape, new)
         if site.biases:  # each new head copies a source head's projections, and takes its bias too
-            _inherit_biases(gm, site, transfer.head_sources(shape, new.heads))
+            _inherit_biases(gm, site, head_sources(shape, new.heads))
         for split, role in zip(site.splits, "qkv"):  # a fused view is set three times, to the same values
             # Constants replace whatever computed them (e.g. `C // n_head`, C the model width): the
             # weights now fix the head count and the head dim.
