@@ -11,7 +11,8 @@ drives distillation, fine-tuning and, for --init random, the initial weights). R
 - the control 4 x 12: fewer layers, same heads;
 - 4 x 24 with importance selection (Block Influence on review text) instead of uniform;
 - 4 x 24 and 4 x 12 without distillation;
-- 4 x 24 with --init random: the paper's from-scratch start, then the same recovery.
+- 4 x 24 with --init random: the paper's from-scratch start, then the same recovery;
+- ShortGPT's way: 4 x 12 with the layers of lowest Block Influence dropped and the heads unchanged.
 
 With --task-distill (the main job's recipe since task distillation landed), each converted row is trained on
 the labels with that seed's fine-tuned baseline as its teacher (`reshape distill --task seq-cls`: cross
@@ -56,6 +57,8 @@ ROWS = {
     "4 x 24 aware, not distilled": dict(heads=24, distill=False),
     "4 x 12 control, not distilled": dict(heads=12, distill=False),
     "4 x 24 random init, distilled": dict(heads=24, init="random"),
+    # ShortGPT, the way most people remove depth today: drop the layers of lowest Block Influence, heads unchanged
+    "4 x 12 ShortGPT (importance selection, heads kept), distilled": dict(heads=12, select="importance"),
 }
 CALIB = "rotten-tomatoes-full"
 
