@@ -192,11 +192,18 @@ LabelColumn = Annotated[Optional[str], typer.Option(
 ImageColumn = Annotated[Optional[str], typer.Option(help="Image column for image-cls (guessed when absent).")]
 Task = Annotated[str, typer.Option(help="seq-cls, token-cls, masked-lm, causal-lm or image-cls.")]
 Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")]
-Epochs = Annotated[float, typer.Option(help="Passes over the training split.")]
+Epochs = Annotated[Optional[float], typer.Option(
+    help="Passes over the training split. With neither --steps nor --epochs: at least 300 steps in whole "
+         "epochs, evaluated every twentieth of them, stopped early after 5 evaluations without a better "
+         "validation score.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per batch and process.")]
 Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and decay).")]
 GradAccum = Annotated[int, typer.Option(help="Batches per optimizer step.")]
-EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at the end).")]
+EvalEvery = Annotated[Optional[int], typer.Option(
+    help="Evaluate on the validation split every N steps (default: at the end, or see --epochs).")]
+Patience = Annotated[Optional[int], typer.Option(
+    help="Stop after N evaluations without a better validation score (default: 5 with the automatic budget, "
+         "else off).")]
 MaxLength = Annotated[int, typer.Option(help="Tokens per example after truncation.")]
 Seed = Annotated[int, typer.Option(help="Seed for data order, dropout and fresh heads.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on a supporting GPU), no, fp16 or bf16.")]
@@ -207,11 +214,19 @@ LogKappa = Annotated[bool, typer.Option("--log-kappa", help="Log each layer's at
                                                             "(OUT/metrics.jsonl).")]
 
 
-def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision):
+# The automatic budget, when neither --steps nor --epochs is given: small data gets several passes, and
+# early stopping on validation ends the run once it stops improving (docs/guides/recover.md).
+AUTO_MIN_STEPS, AUTO_PATIENCE = 300, 5
+
+
+def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision, patience=None):
     from .train.loop import TrainConfig
 
-    return TrainConfig(max_steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, grad_accum=grad_accum,
-                       eval_every=eval_every, seed=seed, mixed_precision=precision)
+    automatic = steps is None and epochs is None
+    return TrainConfig(max_steps=steps, epochs=1.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
+                       grad_accum=grad_accum, eval_every=eval_every, seed=seed, mixed_precision=precision,
+                       min_steps=AUTO_MIN_STEPS if automatic else None,
+                       patience=patience if patience is not None else (AUTO_PATIENCE if automatic else None))
 
 
 def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> None:
@@ -232,8 +247,8 @@ def finetune(
     model: Model, task: Task, data: Data, out: Out,
     text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
     lora: Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank; merged on save.")] = None,
-    steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
-    eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
+    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
     validation_ratio: Annotated[float, typer.Option(
@@ -250,7 +265,7 @@ def finetune(
                      keep_checkpoints=keep_checkpoints, log_kappa=log_kappa, progress=not (quiet or json_output),
                      validation_ratio=validation_ratio,
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
-                                          mixed_precision))
+                                          mixed_precision, patience))
     _print_result(result, json_output, quiet, f"Wrote {out}")
     _push_to_hub(out, push_to_hub, quiet or json_output)
 
@@ -296,8 +311,8 @@ def distill(
     hidden_kind: Annotated[str, typer.Option(help="mse or cosine.")] = "mse",
     layer_map: Annotated[Optional[str], typer.Option(
         help="Teacher layer for each student layer, e.g. 0,2,3,5 (default: reshape.json's kept layers).")] = None,
-    steps: Steps = None, epochs: Epochs = 1.0, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
-    eval_every: EvalEvery = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
+    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
 ):
@@ -314,7 +329,7 @@ def distill(
                      max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
                      log_kappa=log_kappa, progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
-                                          mixed_precision))
+                                          mixed_precision, patience))
     _print_result(result, json_output, quiet, f"Wrote {out}")
     _push_to_hub(out, push_to_hub, quiet or json_output)
 

@@ -118,3 +118,40 @@ def test_length_grouped_batches_are_a_seeded_shuffle_of_similar_lengths():
 
 def _batches(order, size):
     return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def test_min_steps_gives_small_data_whole_extra_epochs(tmp_path):
+    # 40 examples in batches of 8: 5 steps an epoch; at least 12 steps means 3 whole epochs.
+    summary = train(model(), loss_fn, DATA, collate, tmp_path, TrainConfig(batch_size=8, min_steps=12),
+                    progress=False)
+    assert summary["steps"] == 15 and not summary["stopped_early"]
+    summary = train(model(), loss_fn, DATA, collate, tmp_path / "b", TrainConfig(batch_size=8, min_steps=12,
+                    max_steps=4), progress=False)
+    assert summary["steps"] == 4  # an explicit step budget wins
+
+
+def test_patience_stops_when_validation_stops_improving_and_keeps_the_best(tmp_path):
+    scores = iter([0.5, 0.9, 0.8, 0.7, 0.95])  # best at the 2nd evaluation, then two worse ones
+
+    def validation(m):
+        return {"score": next(scores)}
+
+    m = model()
+    summary = train(m, loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=20, batch_size=8, eval_every=2,
+                    patience=2), eval_fn=validation, progress=False)
+    assert summary["steps"] == 8 and summary["stopped_early"]  # evaluations at 2, 4 (best), 6, 8: stop
+    assert summary["validation"]["step"] == 4 and summary["validation"]["score"] == 0.9
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "early_stop" in r] == [8]
+
+
+def test_patience_without_eval_every_evaluates_every_twentieth_of_the_budget(tmp_path):
+    calls = []
+
+    def validation(m):
+        calls.append(1)
+        return {"score": 1.0}  # never improves after the first: stops after `patience` more
+
+    summary = train(model(), loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=400, batch_size=8,
+                    patience=3), eval_fn=validation, progress=False)
+    assert summary["steps"] == 80 and len(calls) == 4  # every 20 steps: 20 (best), 40, 60, 80 -> stop

@@ -49,7 +49,12 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    eval_every: int | None = None  # optimizer steps; None evaluates once, at the end
+    eval_every: int | None = None  # optimizer steps; None evaluates once, at the end (see patience)
+    # With no max_steps: train at least this many steps, in whole epochs (small data gets several passes).
+    min_steps: int | None = None
+    # Stop once this many evaluations in a row fail to beat the best validation score; without eval_every,
+    # evaluate every twentieth of the budget (at least every 10 steps).
+    patience: int | None = None
     log_every: int = 10
     save_every: int = 50  # optimizer steps between "last" checkpoints (and always at the end)
     mixed_precision: str = "auto"  # "auto": bf16 on a CUDA device that supports it, else full precision
@@ -98,6 +103,10 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
                             generator=generator)
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    if config.min_steps and not config.max_steps and total < config.min_steps:  # whole epochs up to the minimum
+        total = math.ceil(config.min_steps / steps_per_epoch) * steps_per_epoch
+    eval_every = config.eval_every or (max(10, total // 20) if config.patience and eval_fn else None)
+    planned = total
     optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
     warmup = int(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -106,7 +115,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
 
     fingerprint = config.fingerprint(run or {})
     checkpoints = out / "checkpoints"
-    state = {"step": 0, "fingerprint": fingerprint, "best": None, "last_eval": None}
+    state = {"step": 0, "fingerprint": fingerprint, "best": None, "last_eval": None, "since_best": 0}
     if resume:
         state = _load_checkpoint(accelerator, checkpoints / "last", fingerprint)
     metrics = out / "metrics.jsonl"
@@ -128,7 +137,10 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
         log({"validation": result})
         if state["best"] is None or result["score"] > state["best"]["score"]:
             state["best"] = {**result, "step": state["step"]}
+            state["since_best"] = 0
             _save_checkpoint(accelerator, checkpoints / "best", state)
+        else:
+            state["since_best"] = state.get("since_best", 0) + 1
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
@@ -166,14 +178,18 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
                     log({"loss": sum(running) / len(running), **parts, "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": speed, "epoch": epoch})
                     running = []
-                if config.eval_every and state["step"] % config.eval_every == 0:
+                if eval_every and state["step"] % eval_every == 0:
                     evaluate()
-                if state["step"] % config.save_every == 0 or state["step"] >= total:
+                stop = bool(config.patience) and state.get("since_best", 0) >= config.patience
+                if state["step"] % config.save_every == 0 or state["step"] >= total or stop:
                     _save_checkpoint(accelerator, checkpoints / "last", state)
+                if stop:
+                    log({"early_stop": f"no better validation score in {config.patience} evaluations"})
+                    total = state["step"]
                 if state["step"] >= total:
                     break
             epoch += 1
-    if not config.eval_every or state["step"] % config.eval_every:
+    if not eval_every or state["step"] % eval_every:
         evaluate()
     model = accelerator.unwrap_model(model)
     if state["best"] is not None and state["best"]["step"] != state["step"]:
@@ -184,7 +200,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
         with torch.no_grad():
             test = {**test_fn(model), "step": (state["best"] or state)["step"]}
         log({"test": test})
-    return {"steps": state["step"], "validation": state["best"], "last_validation": state["last_eval"],
+    return {"steps": state["step"], "stopped_early": state["step"] < planned, "validation": state["best"], "last_validation": state["last_eval"],
             "test": test, "fingerprint": fingerprint, "processes": accelerator.num_processes}
 
 
