@@ -2,10 +2,10 @@
 
 The real SmolLM2-135M (offline GGUF, dequantised once into a plain folder) is cut to 22 layers, heads
 unchanged, three ways: `--select uniform` (evenly spread, first and last kept: DistilBERT's rule and the
-default for encoders), `--select late` (one contiguous late-middle run dropped, as ShortGPT finds best:
-the default for decoder-only models) and `--select importance --calib hamlet` (Block Influence scored on
-Hamlet's training text). Each is scored by perplexity on Hamlet's validation and test splits (the
-contiguous stretches before and at the end of the play, never used for calibration).
+default for encoders), no `--select` (the default for decoder-only models: Block Influence scored on
+random tokens) and `--select importance --calib hamlet` (Block Influence scored on Hamlet's training
+text). Each is scored by perplexity on Hamlet's validation and test splits (the contiguous stretches
+before and at the end of the play, never used for calibration).
 
     python benchmarks/decoder_default.py [--depth 22] [-o /tmp/decoder-default]
 """
@@ -38,12 +38,15 @@ def main() -> None:
         return evaluate(folder, task="causal-lm", data="hamlet", max_length=args.max_length, split=split)["perplexity"]
 
     rows = [("teacher, 30 layers", "-", teacher)]
-    for select, calib in (("uniform", None), ("late", None), ("importance", "hamlet")):
-        out = args.out / select
+    for label, select, calib in (("--select uniform", "uniform", None), ("default (importance, random tokens)", None,
+                                                                         None),
+                                 ("--select importance --calib hamlet", "importance", "hamlet")):
+        out = args.out / (select or "default")
         recipe = reshape.convert(teacher, out, heads=9, depth=args.depth, select=select, calib=calib, overwrite=True)
-        rows.append((f"{args.depth} layers, --select {select}", ",".join(map(str, recipe["plan"]["keep"])), out))
+        dropped = [i for i in range(30) if i not in recipe["plan"]["keep"]]
+        rows.append((f"{args.depth} layers, {label}", ",".join(map(str, dropped)), out))
     table = Table(title=f"SmolLM2-135M -> {args.depth} of 30 layers, no training: Hamlet perplexity")
-    for column in ("model", "kept layers", "validation", "test"):
+    for column in ("model", "dropped layers", "validation", "test"):
         table.add_column(column)
     for name, keep, folder in rows:
         table.add_row(name, keep, f"{perplexity(folder, 'validation'):,.1f}", f"{perplexity(folder, 'test'):,.1f}")

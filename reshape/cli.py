@@ -30,9 +30,8 @@ Depth = Annotated[Optional[str], typer.Option(
 InnerHeads = Annotated[Optional[int], typer.Option(help="New heads of an inner attention (TNT's pixel attention).")]
 Keep = Annotated[Optional[str], typer.Option(help="Explicit layers to keep, e.g. 0,2,4,7,9,11.")]
 Select = Annotated[Optional[str], typer.Option(
-    help="Layer selection: uniform (first and last kept), first, last, late (drop a contiguous late-middle run, "
-         "as ShortGPT), or importance (needs --calib). Default: late for decoder-only language models, "
-         "else uniform.")]
+    help="Layer selection: uniform (first and last kept), first, last, or importance (Block Influence on "
+         "--calib, else on random tokens). Default: importance for decoder-only language models, else uniform.")]
 KeepHeadDim = Annotated[bool, typer.Option(
     "--keep-head-dim", help="Keep the head dim and grow the attention width (function-preserving init).")]
 Mlp = Annotated[Optional[int], typer.Option(help="New MLP width; keeps the neurons with the largest weight norms.")]
@@ -177,8 +176,9 @@ def inspect(
         print(json.dumps(report, indent=2))
         return
     out_console.print(table(f"{model} ({report['family']})", report["source"], report.get("result")))
-    if "plan" in report and select == "importance":
-        out_console.print("Kept layers: chosen by convert from their Block Influence on --calib data")
+    if "plan" in report and report["plan"]["keep"] == "by importance":
+        out_console.print("Kept layers: chosen by convert from their Block Influence (on --calib data, else on "
+                          "random tokens)")
     elif "plan" in report:
         out_console.print(f"Kept layers: {report['plan']['keep']}")
 

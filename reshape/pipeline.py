@@ -40,12 +40,12 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
            calib: Iterable[dict] | None = None, **options) -> nn.Module:
     """A new model of the same class with `heads` attention heads and `depth` layers; `model` is untouched.
 
-    Options: keep (layer indices), select ("uniform" | "first" | "last" | "late"; by default late for
-    decoder-only language models, else uniform), keep_head_dim, mlp,
+    Options: keep (layer indices), select ("uniform" | "first" | "last" | "importance"; by default
+    importance for decoder-only language models, else uniform), keep_head_dim, mlp,
     init ("transfer" | "random"), head_split ("aware" | "contiguous"; aware where it applies by
-    default), allow_fewer_heads, force. `calib`, batches of model inputs, weights the aware head split
-    by real activations. With neither heads nor depth, the architecture's preset is used if one
-    exists, else the paper's rule of thumb.
+    default), allow_fewer_heads, force. `calib`, batches of model inputs, scores the layers for
+    importance and weights the aware head split by real activations (random inputs without it). With
+    neither heads nor depth, the architecture's preset is used if one exists, else the paper's rule of thumb.
     """
     if not any(f.claims(model) for f in FAMILIES):  # no adapter knows it: rewrite its traced graph
         if _is_transformers(model):  # torch.fx cannot trace transformers v5 models: say why none matched
@@ -56,6 +56,9 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     spec = find_family(model).spec(model)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     plan = plan_for(spec, heads, depth, preset_for(name, name_or_path=name), **options)
+    if by_importance(spec, options):
+        plan = replace(plan, keep=most_important(layer_scores(model, spec.family.layers(model),
+                                                              calib or random_inputs(model)), plan.depth))
     covs = _input_covariances(model, spec, plan, calib)
     new, _ = rebuild(model, spec, plan, seed=seed, share_weights=False, input_covs=covs)
     return new
@@ -84,8 +87,9 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
             heads, depth = any_rule_of_thumb(shape)
             log.warning("reshape: no heads/depth given; using the rule of thumb (double the heads where the "
                         "width allows, two thirds of the depth): %s heads, %s layers", heads, depth)
-    if options.get("select") is None:  # the default depends on the model: see default_select
-        options["select"] = default_select(family, spec.config)
+    options["select"] = options.get("select") or default_select(family, spec.config)
+    if options["select"] == "importance":  # validated as uniform: the caller's scores pick the layers
+        options["select"] = "uniform"
     refused = [Problem(option, options[option], reason, f"leave --{option.replace('_', '-')} out")
                for option, reason in family.refuses.items() if options.get(option)]
     if refused:
@@ -111,9 +115,16 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
 
 def default_select(family, config) -> str:
     """How layers are picked when nobody said: evenly spread for encoders and vision models (DistilBERT's
-    rule), a contiguous late-middle run dropped for decoder-only language models (ShortGPT's finding;
-    spreading the cut evenly wrecks a decoder: see docs/results/decoder-default.md)."""
-    return "late" if family.decoder_only(config) else "uniform"
+    rule); by Block Influence for decoder-only language models, on the calibration data or else random
+    tokens (spreading the cut evenly wrecks a decoder: docs/results/decoder-default.md)."""
+    return "importance" if family.decoder_only(config) else "uniform"
+
+
+def by_importance(spec: ModelSpec, options: dict) -> bool:
+    """Whether the layers to keep are picked by their Block Influence (asked for, or the default)."""
+    if options.get("keep") is not None:
+        return False
+    return (options.get("select") or default_select(spec.family, spec.config)) == "importance"
 
 
 def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, share_weights: bool = False,
@@ -154,8 +165,9 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             calib: str | None = None, **options) -> dict:
     """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe.
 
-    With select="importance", the kept layers are those with the highest Block Influence on `calib`
-    (a data recipe, file or Hub dataset of text); the aware head split is weighted by it too."""
+    With select="importance" (the default for decoder-only language models), the kept layers are those
+    with the highest Block Influence on `calib` (a data recipe, file or Hub dataset of text), or on
+    random tokens without it; the aware head split is weighted by `calib` too."""
     source, out = str(source), Path(out)
     from .fx import convert as fx_convert, fx_source
 
@@ -163,21 +175,15 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
         return fx_convert(fx, out, heads, depth, overwrite=overwrite, trust_remote_code=trust_remote_code,
                           **options)
     writing = output_problems(out, overwrite)
-    asking = []
-    importance = options.get("select") == "importance"
-    if importance:
-        options = {**options, "select": "uniform"}  # validated as uniform; the scores pick the layers later
-        if not calib:
-            asking.append(Problem("calib", None, "is needed by --select importance to score the layers",
-                                  "pass --calib DATA, e.g. --calib rotten-tomatoes"))
     try:  # report output and model problems together
         src = open_source(source, trust_remote_code)
         writing = output_problems(out, overwrite, src.folder)
         plan = plan_for(src.spec, heads, depth, src.preset, **options)
     except ReshapeError as e:
-        raise ReshapeError(writing + asking + e.problems) from None
-    if writing or asking:
-        raise ReshapeError(writing + asking)
+        raise ReshapeError(writing + e.problems) from None
+    if writing:
+        raise ReshapeError(writing)
+    importance = by_importance(src.spec, options)
     family = src.spec.family
     with _steps(progress) as step:
         with step(f"Loading {source}"):
@@ -185,15 +191,16 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
         scores = None
         batches = calibration_batches(src, calib) if calib else None
         if importance:
-            with step(f"Scoring layers on {calib}"):
-                scores = layer_scores(model, family.layers(model), batches)
+            with step(f"Scoring layers on {calib or 'random tokens'}"):
+                scores = layer_scores(model, family.layers(model), batches or random_inputs(model))
                 plan = replace(plan, keep=most_important(scores, plan.depth))
         with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"):
             covs = _input_covariances(model, src.spec, plan, batches)
             new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True, input_covs=covs)
             recipe = make_recipe(src, plan, model, new)
             if scores:
-                recipe["layer_scores"] = {"metric": "block-influence", "calib": calib, "scores": scores}
+                recipe["layer_scores"] = {"metric": "block-influence", "calib": calib or "random tokens",
+                                          "scores": scores}
             if covs:
                 recipe["head_split_calib"] = calib or "random inputs"
             del model
@@ -231,12 +238,12 @@ def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None
              options.get("inner_heads")]
     if all(x is None for x in asked):
         return report
-    if options.get("select") == "importance":  # which layers stay does not change the counts
-        options = {**options, "select": "uniform"}
     plan = plan_for(spec, heads, depth, preset, **options)
     new_spec = ModelSpec(family, family.new_config(spec.config, shape, plan), spec.cls)
     new_model = family.build(new_spec, empty=True)
     report["plan"] = plan.to_dict()
+    if by_importance(spec, options):  # convert picks them from the scores; the counts do not depend on which
+        report["plan"]["keep"] = "by importance"
     report["result"] = describe(result_shape(shape, plan), count_params(new_model, family))
     return report
 

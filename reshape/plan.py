@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from .errors import Problem, ReshapeError
 
 HEAD_MODES = ("keep-width", "keep-head-dim")
-STRATEGIES = ("uniform", "first", "last", "late")
+STRATEGIES = ("uniform", "first", "last")
 INITS = ("transfer", "random")
 HEAD_SPLITS = ("aware", "contiguous")
 MIN_HEAD_DIM = 8  # below this a head can hardly hold a query/key subspace; --force overrides
@@ -72,10 +72,6 @@ def select_layers(layers: int, depth: int, strategy: str) -> tuple[int, ...]:
         return tuple(range(depth))
     if strategy == "last":
         return tuple(range(layers - depth, layers))
-    if strategy == "late":
-        # ShortGPT's finding for decoders: the late-middle blocks matter least. Drop one contiguous run of
-        # them, just before the last block, which (like the first ones) the output head depends on most.
-        return tuple(range(depth - 1)) + (layers - 1,) if depth > 1 else (0,)
     # uniform: evenly spaced with first and last kept (DistilBERT-style). Spacing is >= 1, so
     # rounding half up never repeats an index.
     if depth == 1:

@@ -46,8 +46,10 @@ def test_convert_keeps_the_most_important_layers_and_reports_the_scores(llama_fo
     assert scores["metric"] == "block-influence" and len(scores["scores"]) == 4 and scores["scores"][2] < 1e-4
 
 
-def test_importance_needs_calibration_text(llama_folder, tmp_path):
-    with pytest.raises(ReshapeError) as e:
-        reshape.convert(str(llama_folder), tmp_path / "out", heads=7, depth=3, select="importance")
-    assert [str(p).split(":")[0] for p in e.value.problems] == ["calib=None", "heads=7"]
-    assert not (tmp_path / "out").exists()
+def test_importance_without_calibration_text_scores_random_tokens(llama_folder, tmp_path):
+    recipe = reshape.convert(str(llama_folder), tmp_path / "out", heads=4, depth=3, select="importance")
+    assert recipe["layer_scores"]["calib"] == "random tokens" and recipe["plan"]["keep"] == [0, 1, 3]
+    with pytest.raises(ReshapeError) as e:  # plan problems are still reported before any work
+        reshape.convert(str(llama_folder), tmp_path / "bad", heads=7, depth=3, select="importance")
+    assert [str(p).split(":")[0] for p in e.value.problems] == ["heads=7"]
+    assert not (tmp_path / "bad").exists()

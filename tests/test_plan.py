@@ -95,22 +95,27 @@ def test_head_sources_stay_in_their_kv_group():
     assert head_sources(mha, 4) == [0, 1, 2, 3]
 
 
-def test_late_selection_drops_one_contiguous_run_before_the_last_layer():
-    assert select_layers(30, 22, "late") == (*range(21), 29)  # ShortGPT-style: layers 21..28 go
-    assert select_layers(6, 6, "late") == tuple(range(6)) and select_layers(6, 1, "late") == (0,)
+def test_decoders_pick_layers_by_importance_by_default_and_encoders_spread_evenly():
+    import torch
 
-
-def test_decoders_drop_late_middle_layers_by_default_and_encoders_spread_evenly():
-    from reshape.pipeline import default_select, plan_for
+    import reshape
+    from reshape.importance import layer_scores, most_important
+    from reshape.inputs import random_inputs
+    from reshape.pipeline import default_select
     from reshape.source import spec_of
-    from reshape.testing import tiny_config
+    from reshape.testing import tiny_config, tiny_model
 
-    for model_type, expected, kind in (("llama", (0, 1, 2, 5), "late"), ("qwen3", (0, 1, 2, 5), "late"),
-                                       ("bert", (0, 2, 3, 5), "uniform"), ("t5", None, "uniform"),
-                                       ("vit", (0, 2, 3, 5), "uniform")):
+    for model_type, kind in (("llama", "importance"), ("qwen3", "importance"), ("gpt2", "importance"),
+                             ("bert", "uniform"), ("t5", "uniform"), ("vit", "uniform")):
         spec = spec_of(tiny_config(model_type))
         assert default_select(spec.family, spec.config) == kind, model_type
-        if expected:
-            assert plan_for(spec, None, 4).keep == expected, model_type
-    llama = spec_of(tiny_config("llama"))
-    assert plan_for(llama, None, 4, select="uniform").keep == (0, 2, 3, 5)  # asked for: honoured
+    model = tiny_model("llama")
+    with torch.no_grad():
+        scores = layer_scores(model, model.layers, random_inputs(model))
+    new = reshape.leaner(model, depth=4)  # no --select: Block Influence on random tokens
+    kept = most_important(scores, 4)
+    assert kept != (0, 2, 3, 5)  # not the even spread, for this model
+    for new_index, old_index in enumerate(kept):
+        assert torch.equal(new.layers[new_index].mlp.up_proj.weight, model.layers[old_index].mlp.up_proj.weight)
+    even = reshape.leaner(model, depth=4, select="uniform")  # asked for: honoured
+    assert torch.equal(even.layers[1].mlp.up_proj.weight, model.layers[2].mlp.up_proj.weight)
