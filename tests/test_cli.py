@@ -114,7 +114,7 @@ def out(tmp_path) -> Path:
 
 @pytest.mark.parametrize("name, args, heads, keep, head_dim", [
     pytest.param("bert", ["--heads", 8, "--depth", 2], 8, [0, 3], 8, id="bert"),
-    pytest.param("gpt2", ["--heads", 8, "--depth", 3], 8, [0, 2, 3], 8, id="gpt2"),
+    pytest.param("gpt2", ["--heads", 8, "--depth", 3, "--select", "uniform"], 8, [0, 2, 3], 8, id="gpt2"),
     pytest.param("llama", ["--heads", 8, "--keep", "0,2", "--keep-head-dim"], 8, [0, 2], 16, id="llama-keep-head-dim"),
 ])
 def test_convert_json(models, out, name, args, heads, keep, head_dim):
@@ -164,7 +164,11 @@ def test_inspect_json(models):
     assert report["result"]["shape"] == {"layers": 2, "heads": 8, "kv_heads": 4, "head_dim": 8, "hidden": 64,
                                          "mlp": 96}
     assert report["result"]["params"]["total"] < report["source"]["params"]["total"]
-    assert report["plan"]["keep"] == [0, 3]
+    # A decoder's layers are picked by Block Influence when convert runs; inspect says so.
+    assert report["plan"]["keep"] == "by importance"
+    uniform = json.loads(run_cli("inspect", models["llama"], "--heads", 8, "--depth", 2, "--select", "uniform",
+                                 "--json").stdout)
+    assert uniform["plan"]["keep"] == [0, 3] and uniform["result"] == report["result"]
 
 
 @pytest.mark.parametrize("args, heads, head_dim", [
