@@ -41,6 +41,7 @@ COVERED = {
     "vit": "keep-width", "deit": "keep-width", "beit": "keep-width", "dinov2": "keep-width",
     "clip_vision_model": "keep-width", "siglip_vision_model": "keep-width",
     "t5": "keep-width", "bart": "keep-width", "whisper": "keep-width",
+    "gpt_oss": "keep-width", "longt5": "keep-width",  # beyond the 47: attention sinks; a local-attention encoder
 }
 REFUSED = {"convnext": "no single num_attention_heads"}
 
@@ -193,6 +194,14 @@ def test_relative_position_bias_tables_follow_their_parent_heads():
             assert after.shape == (before.shape[0], 8)
             # Child head j of 8 at the same width lies inside parent head j // 2 of 4.
             assert torch.equal(after, before[:, [j // 2 for j in range(8)]]), model_type
+
+
+def test_attention_sinks_follow_their_parent_heads():
+    model = tiny_model("gpt_oss")  # one learnt sink logit per head
+    new = reshape.leaner(model, heads=8, keep=[0, 5])
+    for new_index, old_index in enumerate([0, 5]):
+        before = model.state_dict()[f"layers.{old_index}.self_attn.sinks"]
+        assert torch.equal(new.state_dict()[f"layers.{new_index}.self_attn.sinks"], before[[j // 2 for j in range(8)]])
 
 
 def test_t5_relative_attention_bias_follows_its_parent_heads_in_both_stacks():

@@ -41,7 +41,8 @@ MLP_NAMES = [(("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("inte
              (("wi",), "wo"), (("w1", "w3"), "w2"), (("ffn",), "ffn_output")]
 MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff", "ffn_hidden_size")
 # Names of per-head tensors that a child head inherits from its parent head.
-PER_HEAD_HINTS = ("relative_attention_bias", "relative_position_bias_table", "temperature", "head_scale")
+PER_HEAD_HINTS = ("relative_attention_bias", "relative_position_bias_table", "temperature", "head_scale",
+                  "sinks", "slope_rate")  # attention-sink logits (gpt-oss) and ALiBi-like slopes (MiniMax)
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"), ("query_layernorm", "key_layernorm"))
 
 
@@ -348,6 +349,10 @@ def discover(config, cls=None) -> GenericFamily:
             errors.append(str(e))
     else:
         raise Unsupported(errors[0])
+    for block in list(base.get_submodule(paths[0]))[1:]:  # hybrid stacks: per-head tensors of other kinds
+        for name, p in block.named_parameters():
+            if any(h in name for h in PER_HEAD_HINTS) and heads in p.shape and name not in dict(found.per_head):
+                found.per_head.append((name, list(p.shape).index(heads)))
     head_dim_key, head_dim_value = _config_value(config, "head_dim")
     if not isinstance(head_dim_value, int) or isinstance(getattr(type(config), "head_dim", None), property):
         head_dim_key = None
@@ -469,7 +474,10 @@ def discover_seq2seq(config, cls=None) -> Seq2SeqFamily:
         stack_found = read_block(base.get_submodule(paths[0])[0], heads, heads, hidden, getattr(config, mlp_key),
                                  f"{paths[0]}.0")
         stacks.append(paths[0])
-        found = found or stack_found
+        if found is None:
+            found = stack_found
+        else:  # the stacks may name their per-head tensors differently (LongT5's local encoder attention)
+            found.per_head += [p for p in stack_found.per_head if p not in found.per_head]
     weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out, mlp_in=(), mlp_out=Proj(""),
                            per_head=tuple(n for n, _ in found.per_head),
                            per_head_axis=found.per_head[0][1] if found.per_head else 0)
