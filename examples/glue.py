@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 import reshape
-from reshape.report import show
+from reshape.reporting import show
 from reshape.train.distill import distill
 from reshape.train.finetune import finetune
 from reshape.train.loop import TrainConfig

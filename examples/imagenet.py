@@ -22,7 +22,7 @@ from rich.console import Console
 
 import reshape
 from fashion_mnist_scratch import baseline as tiny_vit  # the script's folder is on sys.path
-from reshape.report import show
+from reshape.reporting import show
 from reshape.train.finetune import finetune
 from reshape.train.loop import TrainConfig
 

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 import reshape
-from reshape.report import show
+from reshape.reporting import show
 from reshape.train.distill import distill
 from reshape.train.loop import TrainConfig
 

@@ -10,9 +10,10 @@ import importlib
 
 from .version import __version__
 
-# public name -> the module that defines it
+# public name -> the module that defines it (no module may share a public name: importing reshape.X
+# would set the package attribute X to the module)
 _API = {"convert": "pipeline", "inspect": "pipeline", "leaner": "pipeline", "load": "pipeline", "push": "hub",
-        "report": "report", "Problem": "errors", "ReshapeError": "errors", "Plan": "plan", "Shape": "plan",
+        "report": "reporting", "Problem": "errors", "ReshapeError": "errors", "Plan": "plan", "Shape": "plan",
         "make_plan": "plan", "select_layers": "plan"}
 
 __all__ = ["__version__", *sorted(_API)]

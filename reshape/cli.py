@@ -90,8 +90,9 @@ def _parse_count(value: str | None, field: str) -> int | list[int] | None:
 
 def _plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force,
                   inner_heads=None) -> dict:
-    return dict(keep=_parse_indices(keep, "keep"), select=select, keep_head_dim=keep_head_dim, mlp=mlp, init=init,
-                head_split=head_split, allow_fewer_heads=allow_fewer_heads, force=force, inner_heads=inner_heads)
+    options = dict(keep=_parse_indices(keep, "keep"), keep_head_dim=keep_head_dim, mlp=mlp, init=init,
+                   head_split=head_split, allow_fewer_heads=allow_fewer_heads, force=force, inner_heads=inner_heads)
+    return options if select is None else {**options, "select": select}  # None: the model's default
 
 
 @app.command()
@@ -430,8 +431,8 @@ def report(
     """Measure BASE and LEANER side by side: parameters, FLOPs, latency, memory, conditioning, quality."""
     _setup(quiet or json_output)
     with _user_errors():
-        from .report import report as run
-        from .report import show
+        from .reporting import report as run
+        from .reporting import show
 
         sizes = _parse_indices(batch_sizes, "batch_sizes")
         say = None if quiet or json_output else (lambda text: err_console.print(f"[dim]{text}…[/dim]"))

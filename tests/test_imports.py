@@ -96,3 +96,14 @@ def test_help_imports_neither_torch_nor_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Rebuild transformers with more attention heads" in done.stdout
     assert done.stdout.strip().endswith("heavy: []")
+
+
+def test_no_public_name_is_also_a_module():
+    # Importing reshape.X sets the package attribute X to that module, hiding a lazily imported function X.
+    import reshape
+
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    assert not set(reshape.__all__) & modules
+    import reshape.reporting  # noqa: F401  (the module behind reshape.report)
+
+    assert callable(reshape.report)

@@ -16,7 +16,7 @@ import reshape
 from reshape.conditioning import kappa, layer_conditioning
 from reshape.errors import ReshapeError
 from reshape.families.hf import BERT
-from reshape.report import components, flops
+from reshape.reporting import components, flops
 
 D, F, V, P = 32, 64, 50, 16  # width, MLP width, vocabulary, positions
 
