@@ -219,8 +219,7 @@ class GenericFamily(HFFamily):
     """An HFFamily whose weight map and config keys were read from the model's structure."""
 
     def __init__(self, model_type: str, layers_path: str, weights: BlockWeights, embeddings: list[str],
-                 keys: ConfigKeys, found: Found, declared: Declared, can_widen_attention: bool,
-                 can_split_aware: bool, refuses: dict[str, str], mlp_default: int):
+                 keys: ConfigKeys, found: Found, can_widen_attention: bool, can_split_aware: bool, refuses: dict[str, str], mlp_default: int):
         super().__init__(f"auto:{model_type}", f"any transformers model with a standard layout ({model_type})",
                          [model_type], layers_path, weights, embeddings, keys=keys,
                          can_widen_attention=can_widen_attention, can_split_aware=can_split_aware)
@@ -367,8 +366,13 @@ def discover(config, cls=None) -> GenericFamily:
     elif mlp_key is None or (mlp_value is None and declared.mlp_ratio is None):
         refuses["mlp"] = "its config has no MLP width to set"
     mlp_default = found.mlp or (declared.mlp_ratio or 4) * hidden
-    aware = (base.main_input_name in ("input_ids", "pixel_values") and not shared and not found.per_head and not any(h in n for n, _ in base.named_parameters() for h in PER_HEAD_HINTS) and not found.head_norms and not found.width_norms and not declared.interleaved
-             and kv == heads and not _has_positional_attention(config, base))
+    # per-head tensors outside the stack (MPNet's shared relative attention bias)
+    outside = [(name, list(p.shape).index(heads)) for name, p in base.named_parameters()
+               if not name.startswith(paths[0] + ".") and any(h in name for h in PER_HEAD_HINTS) and heads in p.shape]
+    # The aware split fits the plain score form x^T Wq^T Wk x: nothing per head, no norms, no positions inside it.
+    plain_scores = not (found.per_head or outside or found.head_norms or found.width_norms or declared.interleaved
+                        or _has_positional_attention(config, base))
+    aware = plain_scores and not shared and kv == heads and base.main_input_name in ("input_ids", "pixel_values")
     weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out,
                            mlp_in=found.mlp_in, mlp_out=found.mlp_out or Proj(""),
                            per_head=tuple(n for n, _ in found.per_head),
@@ -376,18 +380,16 @@ def discover(config, cls=None) -> GenericFamily:
                            interleaved=declared.interleaved)
     keys = ConfigKeys(heads=heads_key, layers=layers_key, hidden=hidden_key, mlp=mlp_key or "intermediate_size",
                       kv_heads=kv_key, head_dim=head_dim_key)
-    family = GenericFamily(model_type, paths[0], weights, _embeddings(base, paths), keys, found, declared,
+    family = GenericFamily(model_type, paths[0], weights, _embeddings(base, paths), keys, found,
                            # a norm over all heads' width would have to grow with them
-                           can_widen_attention=head_dim_key is not None and not found.width_norms, can_split_aware=aware, refuses=refuses,
-                           mlp_default=mlp_default)
+                           can_widen_attention=head_dim_key is not None and not found.width_norms,
+                           can_split_aware=aware, refuses=refuses, mlp_default=mlp_default)
     family.shared_layers = shared
     blocks = base.get_submodule(paths[0])
     if len(blocks) > 1:
         first, second = ({n for n, _ in b.named_parameters()} for b in (blocks[0], blocks[1]))
         family.first_block_differs = ", ".join(sorted(first ^ second))
-    family.outside = [(name, list(p.shape).index(heads)) for name, p in base.named_parameters()
-                      if not name.startswith(paths[0] + ".") and any(h in name for h in PER_HEAD_HINTS)
-                      and heads in p.shape]
+    family.outside = outside
     return family
 
 
@@ -406,7 +408,7 @@ class Seq2SeqFamily(GenericFamily):
     attention bias (T5, in each stack's first block) follows its parent heads."""
 
     def __init__(self, model_type, stacks, stack_keys, hidden_key, weights, embeddings, found):
-        super().__init__(model_type, stacks[0], weights, embeddings, ConfigKeys(), found, Declared(),
+        super().__init__(model_type, stacks[0], weights, embeddings, ConfigKeys(), found,
                          can_widen_attention=False, can_split_aware=False,
                          refuses={"mlp": "would slice the MLPs of two stacks, which reshape does not do for "
                                          "encoder-decoders"}, mlp_default=found.mlp)
@@ -452,9 +454,6 @@ class Seq2SeqFamily(GenericFamily):
         if hasattr(new, "d_kv"):  # T5 states its head dim
             new.d_kv = target_shape(shape.stages[0], plan.stages[0]).head_dim
         return new
-
-    def outside_per_head(self, model) -> dict[str, int]:
-        return {}
 
 
 def discover_seq2seq(config, cls=None) -> Seq2SeqFamily:
