@@ -59,6 +59,22 @@ def test_finetune_learns_the_task_and_eval_agrees(folders, tmp_path):
     assert on_validation["accuracy"] == result["validation"]["accuracy"] and on_validation["examples"] == 10
 
 
+def test_a_checkpoint_stored_in_half_precision_trains_in_float32(folders, tmp_path):
+    """AdamW on float16 weights underflows: a MiniLM stored in float16 collapsed to the majority class."""
+    half = tmp_path / "half"
+    tf.AutoModelForMaskedLM.from_pretrained(folders / "student").half().save_pretrained(half)
+    tf.AutoTokenizer.from_pretrained(folders / "student").save_pretrained(half)
+    (half / "reshape.json").write_bytes((folders / "student" / "reshape.json").read_bytes())
+    assert tf.AutoModelForMaskedLM.from_pretrained(half).dtype == torch.float16  # transformers keeps it
+    result = finetune(half, tmp_path / "ft", task="seq-cls", data=str(folders / "reviews.csv"),
+                      label_column="positive", config=TrainConfig(max_steps=60, batch_size=16, lr=3e-3))
+    assert result["test"]["accuracy"] == 1.0
+    assert tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft").dtype == torch.float32
+    distill(folders / "teacher", half, tmp_path / "distilled", data=folders / "text.txt",
+            config=TrainConfig(max_steps=2, batch_size=16))
+    assert tf.AutoModelForMaskedLM.from_pretrained(tmp_path / "distilled").dtype == torch.float32
+
+
 def test_the_checkpoint_is_chosen_on_validation_never_on_test(folders, tmp_path):
     """Test labels scrambled (every one flipped), validation labels true: the model kept must be the one
     best on validation, and test is scored once, on it."""

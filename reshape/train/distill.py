@@ -76,8 +76,9 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     if task is None:
         language_model = "CausalLM" in student_source.spec.cls.__name__
         dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column)
-        teacher_model = load_model(teacher_source)
-        student_model = load_model(student_source)
+        # float32 whatever the folders store: AdamW on half-precision weights underflows (see tasks.load_model)
+        teacher_model = load_model(teacher_source).float()
+        student_model = load_model(student_source).float()
         collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
     else:
         spec = _labelled_text_task(task)

@@ -50,8 +50,11 @@ def load_model(path, task: Task, label_names: list[str] | None = None, trust_rem
         if task.name != "image-cls":
             raise fail("task", task.name, f"does not fit the timm image model at {path}", "use --task image-cls")
         return load_classifier(path, label_names if task.labelled else None)
-    # GGUF tensors are quantised; transformers dequantises them, to float32 as reshape computes.
-    kwargs = dict(gguf_file=gguf_file, dtype=torch.float32) if gguf_file else {}
+    # Training keeps float32 master weights whatever the checkpoint stores: transformers v5 loads a
+    # float16/bfloat16 folder in that dtype, and AdamW steps on half-precision weights underflow (a MiniLM
+    # stored in float16 collapsed to the majority class on a GPU). Mixed precision (bf16 autocast on a GPU)
+    # comes from accelerate; GGUF tensors are dequantised to float32 likewise.
+    kwargs = dict(gguf_file=gguf_file, dtype=torch.float32) if gguf_file else dict(dtype=torch.float32)
     if task.labelled and label_names:
         kwargs |= dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                        label2id={n: i for i, n in enumerate(label_names)})
