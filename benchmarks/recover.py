@@ -27,7 +27,7 @@ prints a paired comparison: each row minus the baseline on the same seed, with t
 differences, and each row's mean test accuracy as a fraction of the baseline's.
 
     python benchmarks/recover.py [--seeds 2] [--distill-steps 150] [--epochs 1] [--lr 5e-5] [--task-distill]
-                                 [--rows 1,2,4] [-o benchmarks/recover-out]
+                                 [--rows 1,2,4] [--only-seed 0] [-o benchmarks/recover-out] [--work DIR]
 """
 
 from __future__ import annotations
@@ -133,7 +133,10 @@ def main() -> None:
     parser.add_argument("--task-distill", action="store_true",
                         help="train converted rows on the labels with the fine-tuned baseline as teacher")
     parser.add_argument("--rows", help="comma-separated row numbers to run (1-based); all by default")
+    parser.add_argument("--only-seed", type=int, action="append",
+                        help="run only this seed (repeatable), e.g. one process per seed on one GPU")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/recover-out"))
+    parser.add_argument("--work", type=Path, help="where the models go (default OUT/work)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
@@ -153,10 +156,10 @@ def main() -> None:
     accuracy = results.setdefault("accuracy", {})
     for number, (name, options) in enumerate(ROWS.items(), 1):
         for seed in range(args.seeds):
-            if number not in chosen or str(seed) in accuracy.get(name, {}):
+            if number not in chosen or str(seed) in accuracy.get(name, {}) or seed not in (args.only_seed or [seed]):
                 continue
             console.rule(f"{name}, seed {seed}")
-            accuracy.setdefault(name, {})[str(seed)] = run_row(options, seed, args.out / "work", args)
+            accuracy.setdefault(name, {})[str(seed)] = run_row(options, seed, args.work or args.out / "work", args)
             results_file.write_text(json.dumps(results, indent=2))
     render(results)
 
