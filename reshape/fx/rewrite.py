@@ -15,7 +15,11 @@ from ..errors import fail
 from ..plan import MIN_HEAD_DIM, Plan, Shape, make_plan
 from ..summary import count_params
 from .depth import keep_blocks
-from .heads import Site, Unsupported, check_biases, check_heads, locate, projections, reshape_heads, widen_heads
+from .biases import check_biases
+from .graph import Unsupported
+from .keep_width import reshape_heads
+from .locate import Site, check_heads, locate
+from .widen import projections, widen_heads
 from .stack import Stack, block_nodes, find_stack
 from .tracer import default_concrete_args, trace
 
