@@ -8,6 +8,7 @@ and how to load it. Every output folder gets its card when it is written, so `re
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CLASS_TASKS = (("ForSequenceClassification", "seq-cls"), ("ForTokenClassificatio
                ("ForImageClassification", "image-cls"), ("VisionTransformer", "image-cls"))
 METRICS = {"accuracy": "accuracy", "f1": "macro F1", "perplexity": "perplexity", "cosine": "embedding cosine"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+log = logging.getLogger("reshape")
 
 
 def write_card(folder: str | Path, source: str | Path | None = None, name: str | None = None) -> str:
@@ -62,7 +64,8 @@ def build_card(folder: str | Path, source: str | Path | None = None, name: str |
     trained = finetuned or (distilled if distilled and distilled.get("task") else None)
     task = (trained or {}).get("task") or _class_task(config, recipe)
     pipeline_tag = PIPELINE_TAGS.get(task) or source_meta.get("pipeline_tag")  # a converted model keeps its role
-    base_model = (recipe or {}).get("hub_id") or source_hub_id or source_meta.get("base_model")
+    recipe_hub_id = _hub_id((recipe or {}).get("hub_id"))
+    base_model = recipe_hub_id or _hub_id(source_hub_id) or _hub_id(source_meta.get("base_model"))
     datasets = [d for d in ((distilled or {}).get("data"), (finetuned or {}).get("data")) if _hub_dataset(d)]
     results = _eval_results(trained, pipeline_tag)
     data = ModelCardData(
@@ -77,7 +80,7 @@ def build_card(folder: str | Path, source: str | Path | None = None, name: str |
         model_name=name if results else None,  # only model-index uses it
         eval_results=results or None,
     )
-    body = [f"# {name}", "", _summary(recipe, distilled, finetuned, source), ""]
+    body = [f"# {name}", "", _summary(recipe, recipe_hub_id, distilled, finetuned, source), ""]
     if recipe:
         body += _changes(recipe)
     report = next((p for p in (folder / "report.md", folder / "report" / "report.md") if p.is_file()), None)
@@ -116,6 +119,32 @@ def _resolve(source) -> tuple[Path | None, str | None]:
     return None, str(source) if HUB_ID.match(str(source)) else None
 
 
+def _hub_id(value) -> str | list[str] | None:
+    """`value` if huggingface_hub accepts it as a repo id (for a list, its ids that it accepts), else None.
+
+    Omitted rather than refused: the card is written after the work, the value comes from files the
+    source carries (its reshape.json or card), and base_model is optional metadata, so a crafted one
+    such as `../../etc` must not reach the card but is no reason to throw away a finished run."""
+    if value is None:
+        return None
+    if isinstance(value, list):  # a card may name several base models (a merge)
+        return [v for v in value if _hub_id(v)] or None
+    if _is_repo_id(value):
+        return value
+    log.warning("reshape: %r is not a Hub repo id; the model card leaves it out of base_model", value)
+    return None
+
+
+def _is_repo_id(value) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+        return True
+    except HFValidationError:
+        return False
+
+
 def _shown(name) -> str:
     """A source or data name as the card shows it: local paths by their last part, not the user's tree."""
     name = str(name)
@@ -143,7 +172,8 @@ def _class_task(config: dict, recipe: dict | None) -> str | None:
 
 def _hub_dataset(data: str | None) -> bool:
     """Whether `data` names a Hub dataset: not one of reshape's recipes, not a local file or folder."""
-    if not data or Path(data).exists() or not re.match(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$", data):
+    if not data or Path(data).exists() or not re.match(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$", data) \
+            or not _is_repo_id(data):
         return False
     from .train.data import RECIPES
 
@@ -161,9 +191,9 @@ def _eval_results(trained: dict | None, pipeline_tag: str | None) -> list[EvalRe
             for key, label in METRICS.items() if key in trained[split]]
 
 
-def _summary(recipe, distilled, finetuned, source) -> str:
+def _summary(recipe, hub_id, distilled, finetuned, source) -> str:
     if recipe:
-        text = (f"`{recipe.get('hub_id') or _shown(recipe['source'])}` rebuilt by reshape "
+        text = (f"`{hub_id or _shown(recipe['source'])}` rebuilt by reshape "
                 f"{recipe['reshape_version']} with more attention heads and fewer layers, the recipe of {PAPER}.")
     elif finetuned:
         text = f"`{_shown(source) if source else 'a model'}` fine-tuned by reshape; its architecture was not changed."

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from .confine import safetensors_weights
 from .errors import fail
 from .families.timm_xcit import WIDE_KEY
 
@@ -76,6 +77,7 @@ def check_loads(folder: Path) -> None:
         raise fail("folder", folder, f"needs reshape to load ({WIDE_KEY} in config.json: an XCiT attention wider "
                    "than timm builds), so Hub users could not load it with timm",
                    "convert without --keep-head-dim to push a folder plain timm loads")
+    safetensors_weights(folder, folder, field="folder", sharded=not is_timm_folder(folder))  # no pickles
     try:
         if is_timm_folder(folder):
             import timm
@@ -92,6 +94,7 @@ def check_loads(folder: Path) -> None:
         transformers.logging.set_verbosity_error()  # the load report would repeat what the error says
         try:
             _, info = loader.from_pretrained(folder, trust_remote_code=False, output_loading_info=True,
+                                             use_safetensors=True,
                                              ignore_mismatched_sizes=True)  # listed below, not raised
         finally:
             transformers.logging.set_verbosity(verbosity)

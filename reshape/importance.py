@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .inputs import evaluating
+
 METRICS = ("block-influence", "angular")
 
 
@@ -36,11 +38,12 @@ def layer_scores(model: nn.Module, layers: nn.Module, batches: Iterable[dict],
 
     handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
     try:
-        model.eval()
-        for batch in batches:
-            current_mask[0] = batch.get("attention_mask")
-            model(**batch)
-            count += int(current_mask[0].sum()) if current_mask[0] is not None else next(iter(batch.values())).numel()
+        with evaluating(model):  # the caller's training flags come back afterwards
+            for batch in batches:
+                current_mask[0] = batch.get("attention_mask")
+                model(**batch)
+                mask = current_mask[0]
+                count += int(mask.sum()) if mask is not None else next(iter(batch.values())).numel()
     finally:
         for handle in handles:
             handle.remove()

@@ -3,6 +3,8 @@ and measurement."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -52,10 +54,23 @@ def run_with_input_hooks(model: nn.Module, modules: dict[int, nn.Module], batche
     handles = [module.register_forward_pre_hook(lambda m, args, i=i: record(i, args[0].detach(), mask[0]))
                for i, module in modules.items()]
     try:
-        model.eval()
-        for batch in batches:
-            mask[0] = batch.get("attention_mask")
-            model(**batch)
+        with evaluating(model):
+            for batch in batches:
+                mask[0] = batch.get("attention_mask")
+                model(**batch)
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode for the block, then every module's own training flag back: calibration runs on the
+    caller's model, which must come out as it went in (a model mid-training keeps its dropout)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -2,7 +2,7 @@
 
 Everything is resolved to a local folder first (Hub repos through `snapshot_download`), so one code
 path reads configs and weights. Remote code stays off unless asked for; weights load through the
-family's own loader (safetensors, or `weights_only` pickles in transformers).
+family's own loader, from safetensors files inside the folder only (reshape/confine.py: no pickles).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
+from .confine import safetensors_weights
 from .errors import fail
 from .families import ModelSpec, find_family
 from .families.timm_xcit import WIDE_KEY
@@ -27,7 +28,6 @@ from .presets import Preset, load_presets, preset_for
 # What to fetch from a Hub repo: configs, safetensors weights, tokenizer/processor files,
 # sentence-transformers pooling settings, and the model card (its license is inherited). Never code, never pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "README.md"]
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -153,14 +153,12 @@ def load_model(source: Source) -> nn.Module:
     if source.gguf_file:
         # GGUF tensors are quantised; transformers dequantises them, to float32 as the rebuilt model keeps them.
         return spec.cls.from_pretrained(folder, gguf_file=source.gguf_file, dtype=torch.float32).eval()
-    if not any((folder / f).is_file() for f in WEIGHT_FILES):
-        raise fail("model", source.name, f"has no weight file in {folder} (looked for {', '.join(WEIGHT_FILES)})",
-                   "re-download the model, or save it with save_pretrained")
+    safetensors_weights(folder, source.name, sharded=spec.family.library != "timm")  # inside, no pickles
     try:
         if spec.family.library == "timm":
             model = load_timm_folder(folder, spec=spec)
-        else:
-            model = spec.cls.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
+        else:  # use_safetensors: never fall back to pytorch_model.bin
+            model = spec.cls.from_pretrained(folder, trust_remote_code=source.trust_remote_code, use_safetensors=True)
     except Exception as e:  # any loader failure means the files are unusable as they are
         raise fail("model", source.name, f"weights could not be read ({type(e).__name__}: {_first_line(e)})",
                    "re-download or re-save the model") from None
@@ -175,6 +173,7 @@ def load_timm_folder(folder: str | Path, num_classes: int | None = None, spec: M
 
     folder = Path(folder)
     spec = spec or read_spec(folder, False, str(folder))
+    safetensors_weights(folder, str(folder), sharded=False)  # timm would fall back to pytorch_model.bin
     if spec.family.timm_loads(spec.config):
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)

@@ -115,3 +115,65 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 7) -> dict
     if config.is_encoder_decoder:
         inputs["decoder_input_ids"] = ids[:, :5].clone()
     return inputs
+
+
+def fingerprint(model: torch.nn.Module) -> dict[str, str]:
+    """Everything a call could change in place in `model`, by name: every parameter and buffer
+    (contents, dtype, shape, requires_grad, grad), each module's children, the number of hooks of each
+    kind, and every other attribute in a module's __dict__ (caches such as timm's attention_bias_cache,
+    configs, the training flag), by repr or, for tensors, by contents. Two fingerprints differ exactly
+    where the model was changed: compare them with `changed`."""
+    memo: dict[int, str] = {}  # by id: a config shared by every layer is read once
+    out = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        name = name or "(root)"
+        for key, value in vars(module).items():
+            if key == "_modules":
+                out[f"{name}:children"] = repr([(k, type(v).__name__) for k, v in value.items()])
+            elif key in ("_parameters", "_buffers"):
+                out.update({f"{name}.{k}": _tensor_digest(v) for k, v in value.items()})
+            elif "hook" in key and isinstance(value, dict):  # torch's bookkeeping: only a count can change
+                out[f"{name}:{key}"] = f"{len(value)} hooks"
+            else:
+                out[f"{name}:{key}"] = _digest(value, memo)
+    return out
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The names whose fingerprint entries differ (added, removed or changed)."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def _tensor_digest(t: torch.Tensor | None) -> str:
+    if t is None:
+        return "None"
+    import hashlib
+
+    h = hashlib.sha256(f"{type(t).__name__} {t.dtype} {tuple(t.shape)} {t.requires_grad} {t.device}".encode())
+    if t.device.type != "meta":
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if t.grad is not None:
+        h.update(f"grad {_tensor_digest(t.grad)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _digest(value, memo: dict[int, str]) -> str:
+    import torch.fx as fx
+
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, fx.Proxy):  # a trace left behind, as LeViT's attention_bias_cache once kept
+        out = f"fx.Proxy {value}"
+    elif isinstance(value, torch.Tensor):
+        out = _tensor_digest(value)
+    elif isinstance(value, torch.nn.Module):  # reached through the module tree, not through attributes
+        out = f"module {type(value).__name__}"
+    elif isinstance(value, dict):
+        out = "{" + ", ".join(f"{k!r}: {_digest(v, memo)}" for k, v in value.items()) + "}"
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        out = f"{type(value).__name__}[" + ", ".join(_digest(v, memo) for v in items) + "]"
+    else:
+        out = repr(value)  # configs print their values; other objects at least their identity
+    memo[id(value)] = out
+    return out

@@ -17,6 +17,7 @@ import torch.fx as fx
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from ..confine import inside, safetensors_weights
 from ..version import __version__
 from ..errors import Problem, ReshapeError, fail
 from ..output import output_problems, staged
@@ -91,15 +92,24 @@ def load(out: str | Path, trust_remote_code: bool = False) -> fx.GraphModule:
     """Rebuild a module that the fx path wrote to OUT, in eval mode."""
     out = Path(out)
     try:
-        recipe = json.loads((out / "reshape.json").read_text())
+        recipe = json.loads(inside(out, "reshape.json", "out reshape.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise fail("out", out, f"has no readable reshape.json ({type(e).__name__})",
                    "point to a folder written by reshape convert") from None
-    if recipe.get("path") != "fx":
+    if not isinstance(recipe, dict) or recipe.get("path") != "fx":
         raise fail("out", out, "was not written by the fx path (its reshape.json has no \"path\": \"fx\")",
                    "load it with transformers' from_pretrained or timm.create_model")
-    model = build(recipe["build"], trust_remote_code)
+    source = recipe.get("build")
+    if not isinstance(source, dict) or not source.keys() & {"factory", "timm"}:
+        raise fail("reshape.json build", source, "does not say how to build the source module",
+                   "convert the source again")
+    if "folder" in source:  # `recorded` drops it: the weights are OUT's, and a path here could lead anywhere
+        raise fail("reshape.json build.folder", source["folder"], "names a folder to read weights from, which "
+                   "reshape never records (the weights are OUT/model.safetensors)",
+                   "remove build.folder from reshape.json, or convert the source again")
+    weights = safetensors_weights(out, out, field="out", sharded=False)[0]  # inside OUT, readable
+    model = build(source, trust_remote_code)
     plan = Plan(**{k: (tuple(v) if k == "keep" else v) for k, v in recipe["plan"].items() if k != "depth"})
     new = apply_plan(model, plan, recipe["source_shape"]["heads"], recipe.get("leaf_modules", ()))
-    load_model(new, str(out / "model.safetensors"), strict=True)
+    load_model(new, str(weights), strict=True)
     return new.eval()

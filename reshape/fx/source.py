@@ -78,10 +78,9 @@ def build(source: dict, trust_remote_code: bool = False) -> nn.Module:
     if "folder" in source:
         from safetensors.torch import load_file
 
-        weights = Path(source["folder"]) / "model.safetensors"
-        if not weights.is_file():
-            raise fail("model", source["folder"], "has no model.safetensors",
-                       "save it with timm's save_for_hf(..., safe_serialization=True)")
+        from ..confine import safetensors_weights
+
+        weights = safetensors_weights(source["folder"], source["folder"], sharded=False)[0]  # inside, no pickles
         model.load_state_dict(load_file(weights), strict=True)
     return model.eval()
 

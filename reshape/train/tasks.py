@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..confine import safetensors_weights
 from ..errors import fail
 from .timm_task import TimmProcessor, is_timm_folder, load_classifier
 
@@ -54,7 +55,11 @@ def load_model(path, task: Task, label_names: list[str] | None = None, trust_rem
     # float16/bfloat16 folder in that dtype, and AdamW steps on half-precision weights underflow (a MiniLM
     # stored in float16 collapsed to the majority class on a GPU). Mixed precision (bf16 autocast on a GPU)
     # comes from accelerate; GGUF tensors are dequantised to float32 likewise.
-    kwargs = dict(gguf_file=gguf_file, dtype=torch.float32) if gguf_file else dict(dtype=torch.float32)
+    if gguf_file:
+        kwargs = dict(gguf_file=gguf_file, dtype=torch.float32)
+    else:  # safetensors inside the folder only: never fall back to pytorch_model.bin
+        safetensors_weights(path, str(path))
+        kwargs = dict(dtype=torch.float32, use_safetensors=True)
     if task.labelled and label_names:
         kwargs |= dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                        label2id={n: i for i, n in enumerate(label_names)})
