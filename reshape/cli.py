@@ -202,6 +202,9 @@ Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and 
 GradAccum = Annotated[int, typer.Option(help="Batches per optimizer step.")]
 EvalEvery = Annotated[Optional[int], typer.Option(
     help="Evaluate on the validation split every N steps (default: at the end, or see --epochs).")]
+SaveEvery = Annotated[Optional[int], typer.Option(
+    help="Write OUT/checkpoints/last every N steps (default 100), besides at every evaluation, at the end and "
+         "on Ctrl-C or SIGTERM: what --resume continues from, so a kill -9 loses at most N steps.")]
 Patience = Annotated[Optional[int], typer.Option(
     help="Stop after N evaluations without a better validation score (default: 5 with the automatic budget, "
          "else off).")]
@@ -220,14 +223,16 @@ LogKappa = Annotated[bool, typer.Option("--log-kappa", help="Log each layer's at
 AUTO_MIN_STEPS, AUTO_PATIENCE = 300, 5
 
 
-def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision, patience=None):
+def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision, patience=None,
+                  save_every=None):
     from .train.loop import TrainConfig
 
     automatic = steps is None and epochs is None
     return TrainConfig(max_steps=steps, epochs=1.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
                        grad_accum=grad_accum, eval_every=eval_every, seed=seed, mixed_precision=precision,
                        min_steps=AUTO_MIN_STEPS if automatic else None,
-                       patience=patience if patience is not None else (AUTO_PATIENCE if automatic else None))
+                       patience=patience if patience is not None else (AUTO_PATIENCE if automatic else None),
+                       **({} if save_every is None else {"save_every": save_every}))  # None: TrainConfig's default
 
 
 def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> None:
@@ -250,6 +255,7 @@ def finetune(
     lora: Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank; merged on save.")] = None,
     steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    save_every: SaveEvery = None,
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
     validation_ratio: Annotated[float, typer.Option(
@@ -266,7 +272,7 @@ def finetune(
                      keep_checkpoints=keep_checkpoints, log_kappa=log_kappa, progress=not (quiet or json_output),
                      validation_ratio=validation_ratio,
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
-                                          mixed_precision, patience))
+                                          mixed_precision, patience, save_every))
     _print_result(result, json_output, quiet, f"Wrote {out}")
     _push_to_hub(out, push_to_hub, quiet or json_output)
 
@@ -314,6 +320,7 @@ def distill(
         help="Teacher layer for each student layer, e.g. 0,2,3,5 (default: reshape.json's kept layers).")] = None,
     steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
     eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    save_every: SaveEvery = None,
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
 ):
@@ -330,7 +337,7 @@ def distill(
                      max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
                      log_kappa=log_kappa, progress=not (quiet or json_output),
                      config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
-                                          mixed_precision, patience))
+                                          mixed_precision, patience, save_every))
     _print_result(result, json_output, quiet, f"Wrote {out}")
     _push_to_hub(out, push_to_hub, quiet or json_output)
 

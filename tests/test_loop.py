@@ -1,13 +1,20 @@
 """The training loop: exact resume, checkpoints, metrics log, refusing another run's checkpoint."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from reshape.errors import ReshapeError
-from reshape.train.loop import LengthGroupedSampler, TrainConfig, train
+from reshape.train.loop import Interrupted, LengthGroupedSampler, TrainConfig, train
 
 X = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
 Y = (X.sum(1) > 0).long()
@@ -155,3 +162,180 @@ def test_patience_without_eval_every_evaluates_every_twentieth_of_the_budget(tmp
     summary = train(model(), loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=400, batch_size=8,
                     patience=3), eval_fn=validation, progress=False)
     assert summary["steps"] == 80 and len(calls) == 4  # every 20 steps: 20 (best), 40, 60, 80 -> stop
+
+
+def test_last_is_written_at_every_evaluation(tmp_path):
+    config = TrainConfig(max_steps=9, batch_size=6, lr=1e-2, eval_every=3)  # save_every (100) never comes
+    straight = model()
+    train(straight, loss_fn, DATA, collate, tmp_path / "a", config, eval_fn=accuracy, progress=False)
+    with pytest.raises(Interrupt):
+        train(model(), interrupted_at(8), DATA, collate, tmp_path / "b", config, eval_fn=accuracy, progress=False)
+    state = json.loads((tmp_path / "b/checkpoints/last/reshape_train_state.json").read_text())
+    assert state["step"] == 6  # the evaluation at step 6
+    resumed = model()  # saving more often is the same run: its checkpoint is accepted
+    summary = train(resumed, loss_fn, DATA, collate, tmp_path / "b", replace(config, save_every=1),
+                    eval_fn=accuracy, resume=True, progress=False)
+    assert summary["steps"] == 9
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("window", ["between-the-renames", "before-the-cleanup"])
+def test_a_kill_during_a_checkpoint_swap_leaves_a_usable_last(tmp_path, window):
+    config = TrainConfig(max_steps=9, batch_size=6, lr=1e-2, save_every=2)
+    straight = model()
+    train(straight, loss_fn, DATA, collate, tmp_path / "a", config, progress=False)
+    with pytest.raises(Interrupt):
+        train(model(), interrupted_at(8), DATA, collate, tmp_path / "b", config, progress=False)
+    checkpoints = tmp_path / "b/checkpoints"  # last: step 6
+    if window == "between-the-renames":  # the old last moved aside, the new one not yet in place
+        (checkpoints / "last").rename(checkpoints / ".last.old")
+        (checkpoints / ".last.tmp").mkdir()
+    else:  # the new last in place, the old one not yet removed
+        (checkpoints / ".last.old").mkdir()
+        (checkpoints / ".last.old" / "model.safetensors").write_bytes(b"stale")
+    resumed = model()
+    summary = train(resumed, loss_fn, DATA, collate, tmp_path / "b", config, resume=True, progress=False)
+    assert summary["steps"] == 9
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last"]
+
+
+def test_sigterm_saves_last_at_the_next_step_and_says_how_to_resume(tmp_path, capfd):
+    config = TrainConfig(max_steps=9, batch_size=6, lr=1e-2)  # save_every (100) never comes
+    straight = model()
+    train(straight, loss_fn, DATA, collate, tmp_path / "a", config, progress=False)
+
+    calls = []
+
+    def terminated_at_5(m, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # `kill PID` in the middle of step 5
+        return loss_fn(m, batch)
+
+    class Terminated(Exception):
+        pass
+
+    def default(signum, frame):  # stands in for SIGTERM's default, which would end pytest
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, default)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            train(model(), terminated_at_5, DATA, collate, tmp_path / "b", config, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is default  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    last = tmp_path / "b/checkpoints/last"
+    assert stopped.value.step == 5 and json.loads((last / "reshape_train_state.json").read_text())["step"] == 5
+    err = capfd.readouterr().err
+    assert f"Stopped by SIGTERM at step 5; saved {last}. To continue, run the same command with --resume" in err
+
+    resumed = model()
+    summary = train(resumed, loss_fn, DATA, collate, tmp_path / "b", config, resume=True, progress=False)
+    assert summary["steps"] == 9
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    calls = []
+
+    def interrupted_twice(m, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(m, batch)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(model(), interrupted_twice, DATA, collate, tmp_path, TrainConfig(max_steps=9, batch_size=6),
+              progress=False)
+    assert not isinstance(stopped.value, Interrupted) and len(calls) == 3
+    assert not (tmp_path / "checkpoints" / "last").exists()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# --- a real process, killed -----------------------------------------------------------------------
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
+# One torch thread in every run compared: thread counts change the float sums, and on a busy 2-core
+# machine two spinning OpenMP threads made a step of this tiny model take seconds instead of milliseconds.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+       "OMP_NUM_THREADS": "1"}
+STEP_SLEEP = 0.05  # seconds added to each optimizer step of the run that is killed, so a kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A tiny BERT with a WordPiece tokenizer, and a CSV whose label is whether a review uses a positive word."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("loop")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "the", "film", "was", "very"]
+    tokenizer = tf.BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    torch.manual_seed(0)
+    bert = tf.BertForMaskedLM(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=16))
+    bert.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    g = torch.Generator().manual_seed(0)
+    words = [WORDS[int(i)] for i in torch.randint(0, 6, (120,), generator=g)]
+    rows = [f"the film was very {word},{int(word in WORDS[:3])}" for word in words]
+    (root / "reviews.csv").write_text("review,positive\n" + "\n".join(rows) + "\n")
+    return root / "bert", root / "reviews.csv"
+
+
+def test_kill_9_at_a_random_step_then_resume_finishes_with_the_uninterrupted_weights(tiny_task, tmp_path):
+    from safetensors.torch import load_file
+
+    from reshape.train.finetune import finetune
+
+    folder, data = tiny_task
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "reshape.cli", "finetune", str(folder), "--task", "seq-cls", "--data", str(data),
+            "--label-column", "positive", "-o", str(out), "--steps", "40", "--eval-every", "10", "--batch-size", "16",
+            "--lr", "3e-3", "--max-length", "16", "--quiet"]
+    # A sitecustomize on the path slows every optimizer step of the killed run alone (the maths is unchanged).
+    hook = tmp_path / "slow"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\nfrom torch.optim.optimizer import register_optimizer_step_post_hook\n"
+        f"register_optimizer_step_post_hook(lambda *a: time.sleep({STEP_SLEEP}))\n")
+    with (tmp_path / "killed.err").open("w") as err:
+        run = subprocess.Popen(args, env={**ENV, "PYTHONPATH": str(hook)}, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            saved, deadline = None, time.monotonic() + 240
+            while saved is None:  # the first `last`: at the evaluation at step 10
+                assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.err").read_text()
+                try:
+                    saved = json.loads((out / "checkpoints/last/reshape_train_state.json").read_text())["step"]
+                except (OSError, ValueError):
+                    time.sleep(0.01)
+            assert saved < 40, "no checkpoint before the end of the run"
+            target = random.randint(saved + 1, 32)  # a random step, some before the end
+            time.sleep((target - saved) * STEP_SLEEP)
+        finally:
+            run.kill()  # SIGKILL: no handler runs
+            run.wait()
+    assert not (out / "finetune.json").exists(), f"the run finished before the kill at step ~{target}"
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 40
+
+    straight = tmp_path / "straight"  # the same run, uninterrupted (the same settings the CLI builds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune(folder, straight, task="seq-cls", data=str(data), label_column="positive", max_length=16,
+                 config=TrainConfig(max_steps=40, eval_every=10, batch_size=16, lr=3e-3))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after a kill at step ~{target}"
