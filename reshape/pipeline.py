@@ -26,6 +26,7 @@ from .plan import Plan, legal_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
+from .streaming import Conversion, can_stream
 from .summary import count_params, describe
 from .plan import parent_heads
 from .transfer import load_into, transfer_stages, transfer_state
@@ -184,6 +185,9 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
     if writing:
         raise ReshapeError(writing)
     importance = by_importance(src.spec, options)
+    # Streaming: no model in memory, the same folder (reshape/streaming.py says when it applies).
+    if can_stream(src, plan, importance=importance, calib=calib):
+        return _convert_streaming(src, plan, out, overwrite, progress)
     family = src.spec.family
     with _steps(progress) as step:
         with step(f"Loading {source}"):
@@ -210,10 +214,29 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
                                                                         family.extra_config(new).items()))
         with step(f"Saving to {out}"), staged(out) as tmp:
             family.save(new, new_spec, tmp)
-            recipe["copied_files"] = save_tokenizer_files(src, tmp)
-            (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
-            write_card(tmp, src.folder, name=out.name)
+            _write_recipe_and_card(src, recipe, tmp, out)
     return recipe
+
+
+def _convert_streaming(src: Source, plan: Plan, out: Path, overwrite: bool, progress: bool) -> dict:
+    """`convert` for a plan that needs no activations: tensors read one block at a time and written to
+    output shards as they fill (reshape/streaming.py); the folder is the in-memory path's."""
+    with _steps(progress) as step:
+        with step(f"Reading the weight headers of {src.name}"):
+            conversion = Conversion(src, plan)
+        recipe = make_recipe(src, plan, conversion.source, conversion.new)
+        with step(f"Streaming to {out}: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"), \
+                staged(out) as tmp:
+            conversion.write(tmp)
+            _write_recipe_and_card(src, recipe, tmp, out)
+    return recipe
+
+
+def _write_recipe_and_card(src: Source, recipe: dict, tmp: Path, out: Path) -> None:
+    """What every converted folder gets besides the model: the tokenizer files, reshape.json, the card."""
+    recipe["copied_files"] = save_tokenizer_files(src, tmp)
+    (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    write_card(tmp, src.folder, name=out.name)
 
 
 def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None = None, *,

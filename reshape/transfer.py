@@ -37,27 +37,36 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
             layers[int(index)][rel] = tensor
         else:
             state[key] = tensor
-    new_shape = target_shape(shape, plan)
-    widen = plan.head_mode == "keep-head-dim" and plan.heads != shape.heads
     for new_index, old_index in enumerate(plan.keep):
-        layer = dict(layers[old_index])
-        if weights.interleaved:
-            _regroup(layer, weights, shape, to_groups=False)
-        if widen:
-            widen_heads(layer, weights, shape, new_shape)
-        elif plan.head_split == "aware":
-            aware_split(layer, weights, shape, plan.heads, (input_covs or {}).get(old_index))
-        if plan.mlp:
-            _keep_neurons(layer, weights, plan.mlp)
-        if weights.per_head and plan.heads != shape.heads:
-            parents = torch.tensor(parent_heads(shape, plan))
-            for name in weights.per_head:
-                if name in layer:  # T5 keeps its relative attention bias in the first block only
-                    layer[name] = layer[name].index_select(weights.per_head_axis, parents)
-        if weights.interleaved:
-            _regroup(layer, weights, new_shape, to_groups=True)
+        layer = transfer_block(layers[old_index], weights, shape, plan, (input_covs or {}).get(old_index))
         state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})
     return state
+
+
+def transfer_block(layer: dict[str, torch.Tensor], weights: BlockWeights, shape: Shape, plan: Plan,
+                   input_cov: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One kept block's new tensors from its source tensors (names relative to the block, e.g.
+    'attention.self.query.weight'); `layer` is untouched. Streaming conversion (reshape/streaming.py)
+    calls it once per block, `transfer_state` once per kept layer: one implementation for both."""
+    layer = dict(layer)
+    new_shape = target_shape(shape, plan)
+    widen = plan.head_mode == "keep-head-dim" and plan.heads != shape.heads
+    if weights.interleaved:
+        _regroup(layer, weights, shape, to_groups=False)
+    if widen:
+        widen_heads(layer, weights, shape, new_shape)
+    elif plan.head_split == "aware":
+        aware_split(layer, weights, shape, plan.heads, input_cov)
+    if plan.mlp:
+        _keep_neurons(layer, weights, plan.mlp)
+    if weights.per_head and plan.heads != shape.heads:
+        parents = torch.tensor(parent_heads(shape, plan))
+        for name in weights.per_head:
+            if name in layer:  # T5 keeps its relative attention bias in the first block only
+                layer[name] = layer[name].index_select(weights.per_head_axis, parents)
+    if weights.interleaved:
+        _regroup(layer, weights, new_shape, to_groups=True)
+    return layer
 
 
 def transfer_stages(source: dict[str, torch.Tensor], prefixes: list[str], weights: BlockWeights,

@@ -1,0 +1,319 @@
+"""Streaming conversion: a safetensors folder converted tensor by tensor, never the whole model in memory.
+
+`convert` plans from config.json alone. For a plan that needs no activations (`can_stream` says which),
+each kept block's tensors are then read with safetensors' `safe_open`, put through the same per-block
+transfer as the in-memory path (reshape/transfer.py `transfer_block`) and written into output shards
+as they fill; the tensors outside the block stack are copied one at a time. Peak memory is one block's
+tensors (before and after its transfer) or one tensor outside the stack, whatever the size of the model
+or of its shards, and the folder holds the same tensors and config as the in-memory path writes
+(tests/test_streaming.py compares them per family).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import struct
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .confine import INDEX, PICKLES, safetensors_weights
+from .errors import fail
+from .families import ModelSpec
+from .families.base import Family
+from .families.hf import HFFamily
+from .plan import Plan, parent_heads
+from .source import Source
+from .stages import StagedPlan
+from .transfer import transfer_block
+
+# safetensors' dtype names (the header's "dtype" field)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FIX = "re-download or re-save the model"
+
+
+def can_stream(src: Source, plan: Plan, *, importance: bool, calib: str | None) -> bool:
+    """Whether `convert` streams this run (else it loads the model in memory, as `leaner` does). Each
+    exclusion says why; the last ones read the safetensors headers and a skeleton of the model on the
+    meta device, so a source whose files are unusable raises the same one-line error either path gives."""
+    family, config = src.spec.family, src.spec.config
+    if src.folder is None or src.gguf_file:
+        return False  # a timm name has no weights; GGUF tensors are quantised and dequantised on load
+    if family.library != "transformers":
+        return False  # timm folders load and save through timm's own code (not streamed yet)
+    if isinstance(plan, StagedPlan):
+        return False  # hierarchical and encoder-decoder models: several stacks, transfer_stages
+    if plan.init != "transfer" or importance or plan.head_split == "aware" or calib:
+        # a fresh model is initialised in memory; Block Influence and the aware split need activations
+        # of the whole model (and --calib is read only by those two)
+        return False
+    if getattr(config, "auto_map", None) or getattr(config, "quantization_config", None) is not None:
+        return False  # remote code and quantised weights: their own loading code may rewrite any tensor
+    if not (_inherits(family, "save", HFFamily) and _inherits(family, "adjust_state", Family)):
+        return False  # a family that saves its own way, or rewrites the whole state after the transfer
+    checkpoint = Checkpoint(src.folder, src.name)
+    dtype = load_dtype(config, checkpoint)
+    if dtype is None:
+        return False  # mixed dtypes and none in config.json: from_pretrained's pick is the first tensor's
+    source = skeleton(src.spec, dtype)
+    if _converts_weights(source) or _keeps_fp32(source, dtype):
+        # transformers renames or fuses this class's weights on load and back on save (MoE experts,
+        # legacy names), or loads some modules in float32: the checkpoint is not the state dict
+        return False
+    if set(checkpoint.shapes) != set(saved_state(source)):
+        return False  # legacy or prefixed names, missing or extra weights: from_pretrained fixes them up
+    new = skeleton(ModelSpec(family, family.new_config(config, family.shape(config), plan), src.spec.cls), dtype)
+    produced = set(_sources(checkpoint, layers_prefix(source, family), _layer_plan(family, plan).keep,
+                            saved_state(new)))
+    return produced == set(saved_state(new))  # every output tensor comes from one source tensor or block
+
+
+class Conversion:
+    """A planned streaming conversion: what will be written, checked against the source's headers
+    before anything is written. `source` and `new` are the models on the meta device (for the recipe)."""
+
+    def __init__(self, src: Source, plan: Plan):
+        family, config = src.spec.family, src.spec.config
+        self.family, self.plan, self.shape = family, plan, family.shape(config)
+        self.checkpoint = Checkpoint(src.folder, src.name)
+        self.dtype = load_dtype(config, self.checkpoint)
+        self.source = skeleton(src.spec, self.dtype)
+        new_config = family.new_config(config, self.shape, plan)
+        self.new = skeleton(ModelSpec(family, new_config, src.spec.cls), self.dtype)
+        self.expected = saved_state(self.source)
+        self.checkpoint.check(self.expected)  # wrong shape or dtype: refused before anything is written
+        self.outputs = saved_state(self.new)
+        self.prefix = layers_prefix(self.source, family)
+        self.keep = _layer_plan(family, plan).keep
+        self.sources = _sources(self.checkpoint, self.prefix, self.keep, self.outputs)
+        self.outside = family.outside_per_head(self.source) if plan.heads != self.shape.heads else {}
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
+        self._block: tuple[int, dict[str, torch.Tensor]] | None = None  # the one block held in memory
+
+    def write(self, folder: Path) -> None:
+        """config.json (and generation_config.json) as `save_pretrained` writes them, then the weights,
+        shard by shard, with an index when there is more than one shard."""
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from transformers import PreTrainedModel
+
+        # The config half of save_pretrained, run on the meta model with no tensors: config.json gets
+        # its dtype and architectures, and generation_config.json is written, exactly as the in-memory
+        # path's save does. First, because save_pretrained removes shard files it did not write.
+        self.new.save_pretrained(folder, state_dict={})
+        default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+        # huggingface_hub plans the shards from the tensors' sizes; the meta tensors are enough for that.
+        split = split_torch_state_dict_into_shards(self.outputs, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=self.checkpoint.shard_bytes or default)
+        try:
+            for filename, names in split.filename_to_tensors.items():
+                write_shard(folder / filename, {name: self.outputs[name] for name in names}, self.tensor)
+        finally:
+            self._block = None
+        if split.is_sharded:  # as save_pretrained writes it
+            index = {"metadata": {"total_parameters": self.new.num_parameters(), **split.metadata},
+                     "weight_map": split.tensor_to_filename}
+            (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One output tensor: its kept block's, transferred, or a tensor from outside the stack."""
+        source = self.sources[name]
+        if isinstance(source, str):
+            self._block = None  # outside the stack: free the held block (one asked for again is reread)
+            tensor = self.checkpoint.get(source, self.expected[source].dtype)
+            if name in self.outside:  # per-head tensors outside the stack follow their parent heads (rebuild)
+                tensor = tensor.index_select(self.outside[name], torch.tensor(parent_heads(self.shape, self.plan)))
+            return tensor
+        new_index, rel = source
+        if self._block is None or self._block[0] != new_index:
+            self._block = None  # free the last block before reading the next
+            old = f"{self.prefix}{self.keep[new_index]}."
+            layer = {key[len(old):]: self.checkpoint.get(key, self.expected[key].dtype)
+                     for key in self.checkpoint.shapes if key.startswith(old)}
+            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan)
+        return self._block[1][rel]
+
+
+class Checkpoint:
+    """A folder's safetensors weights, read lazily: names, shapes and dtypes from the file headers,
+    each tensor when it is asked for."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if not (self.folder / "model.safetensors").exists() and index.is_file():
+            _refuse_pickle_shards(self.folder, index)
+        # Inside the folder, readable, no pickles: the in-memory path's checks, with its messages.
+        files = safetensors_weights(self.folder, name)
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    if key in self.where:
+                        raise fail("model", path, f"holds {key}, which {self.where[key].name} holds too", FIX)
+                    part = f.get_slice(key)
+                    self.where[key], self.shapes[key], self.dtypes[key] = path, tuple(part.get_shape()), part.get_dtype()
+        if len(files) > 1:
+            weight_map = json.loads(index.read_text())["weight_map"]  # read and checked by safetensors_weights
+            for key, file in weight_map.items():
+                if self.where.get(key, self.folder / file).name != Path(file).name:
+                    raise fail("model", self.folder / file, f"does not hold {key}, which {INDEX} places in it", FIX)
+        # Output shards of the source's shard size: its largest shard (None for one file: transformers' default).
+        self.shard_bytes = max(path.stat().st_size for path in files) if len(files) > 1 else None
+
+    def check(self, expected: dict[str, torch.Tensor]) -> None:
+        """Refuse a tensor whose shape is not the model's, or whose dtype is not a number of the same kind."""
+        for key, want in expected.items():
+            path, shape, dtype = self.where[key], self.shapes[key], DTYPES.get(self.dtypes[key])
+            if shape != tuple(want.shape):
+                raise fail("model", path, f"holds {key} with shape {list(shape)}, but config.json gives "
+                           f"{list(want.shape)}", FIX)
+            if dtype is None or dtype.is_floating_point != want.dtype.is_floating_point:
+                raise fail("model", path, f"holds {key} as {self.dtypes[key]}, but the model stores it as "
+                           f"{str(want.dtype).removeprefix('torch.')}", FIX)
+
+    def get(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor, in `dtype` (from_pretrained casts each tensor to its parameter's dtype too). The
+        file is opened for this one tensor: safe_open maps the whole file, and the pages a read touches
+        stay in the process's memory until the file is closed (opening takes well under a millisecond)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), "pt") as f:
+            return f.get_tensor(key).to(dtype)
+
+
+def write_shard(path: Path, planned: dict[str, torch.Tensor], tensor_of) -> None:
+    """One safetensors file, written tensor by tensor: the header from the planned (meta) tensors first,
+    then each tensor's bytes as `tensor_of(name)` makes it. safetensors' own writers (save_file,
+    serialize_file) need every tensor of the file in memory at once, which is what streaming avoids."""
+    # Larger items first, as save_file orders them, so each tensor's bytes stay aligned to its item size.
+    order = sorted(planned, key=lambda name: -planned[name].element_size())
+    header, offset = {}, 0
+    for name in order:
+        t = planned[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}  # as save_pretrained writes it
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            tensor = tensor_of(name)
+            if tensor.shape != planned[name].shape or tensor.dtype != planned[name].dtype:
+                raise fail("model", name, f"came out as {tensor.dtype} {list(tensor.shape)}, but the rebuilt "
+                           f"model expects {planned[name].dtype} {list(planned[name].shape)}",
+                           "report this model to reshape's issue tracker")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # before the next one is made
+
+
+def load_dtype(config, checkpoint: Checkpoint) -> torch.dtype | None:
+    """The dtype from_pretrained(dtype="auto") loads the model in: config.json's, else the weights'
+    (None when they mix dtypes: transformers would take whichever floating tensor it met first)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    floating = {DTYPES[d] for d in checkpoint.dtypes.values() if d in DTYPES and DTYPES[d].is_floating_point}
+    return floating.pop() if len(floating) == 1 else None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def skeleton(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device, with the dtypes from_pretrained gives its parameters (it builds
+    the model under the load dtype too). The config is copied: building may write into it."""
+    with _default_dtype(dtype):
+        return spec.family.build(ModelSpec(spec.family, copy.deepcopy(spec.config), spec.cls), empty=True)
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors save_pretrained writes for `model` (meta tensors here): its state dict less the keys
+    it ignores on save and the tied copies."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    return remove_tied_weights_from_state_dict(state, model)
+
+
+def layers_prefix(model: nn.Module, family) -> str:
+    """The state-dict prefix of the block stack, e.g. 'model.layers.' (as pipeline.rebuild finds it)."""
+    layers = family.layers(model)
+    return next(f"{name}." if name else "" for name, module in model.named_modules() if module is layers)
+
+
+def _layer_plan(family, plan: Plan) -> Plan:
+    # As pipeline.rebuild: a shared block (ALBERT) is transferred once, whatever the depth.
+    return replace(plan, keep=(0,)) if family.shared_layers else plan
+
+
+def _sources(checkpoint: Checkpoint, prefix: str, keep: tuple[int, ...],
+             outputs: dict[str, torch.Tensor]) -> dict[str, str | tuple[int, str]]:
+    """Where each output tensor comes from: a source tensor's name, or (new block index, name in the
+    block). Output tensors with no source are left out (the caller compares the key sets)."""
+    sources: dict[str, str | tuple[int, str]] = {}
+    for name in outputs:
+        if name.startswith(prefix):
+            index, rel = name[len(prefix):].split(".", 1)
+            if int(index) < len(keep) and f"{prefix}{keep[int(index)]}.{rel}" in checkpoint.shapes:
+                sources[name] = (int(index), rel)
+        elif name in checkpoint.shapes:
+            sources[name] = name
+    return sources
+
+
+def _inherits(family, method: str, base: type) -> bool:
+    """Whether `family` uses `base`'s `method` as it is (not overridden, nor replaced on the instance)."""
+    return getattr(getattr(family, method), "__func__", None) is getattr(base, method)
+
+
+def _converts_weights(model: nn.Module) -> bool:
+    """Whether save_pretrained would rename or convert this model's weights (transformers' conversion
+    mapping for the class, as it applies to a model built from its config, as the new one is)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    return any(not isinstance(c, PrefixChange) for c in get_model_conversion_mapping(model, add_legacy=False))
+
+
+def _keeps_fp32(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether from_pretrained loads some modules in float32 whatever the checkpoint says."""
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) and dtype in (torch.float16, torch.bfloat16)
+    return bool(strict or (getattr(model, "_keep_in_fp32_modules", None) and dtype == torch.float16))
+
+
+def _refuse_pickle_shards(folder: Path, index: Path) -> None:
+    """An index that names pickle shards (a .bin among .safetensors) is refused like a pickle folder."""
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # safetensors_weights reports an unreadable index
+    pickles = [n for n in names if isinstance(n, str) and Path(n).suffix in PICKLES]
+    if pickles:
+        raise fail("model", folder / pickles[0], f"is a pickle shard named by {INDEX}, which reshape never loads "
+                   "(unpickling can run code)", "if you trust the file, load the model with transformers and save "
+                   "it again with save_pretrained, which writes safetensors shards")

@@ -1,0 +1,256 @@
+"""Streaming conversion (reshape/streaming.py): the folder it writes equals the in-memory path's, tensor
+for tensor, on tiny checkpoints of several shards; it reads one block at a time; bad files are refused in
+one line before anything is written; and the runs that need activations stay in memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import reshape
+import reshape.pipeline
+import reshape.streaming
+from reshape.cli import app
+from reshape.pipeline import by_importance, plan_for
+from reshape.source import open_source
+from reshape.testing import tiny_config, tiny_model
+
+# (model type, head class, dtype, convert options): each family's layout rule once, with the variants
+# that touch the weights differently (keep-head-dim, --mlp, --keep/--select, tied heads, GQA, fused Q/K/V).
+CASES = {
+    "bert": ("bert", None, torch.float32, dict(heads=8, keep=[0, 2, 5], mlp=48, head_split="contiguous")),
+    "bert-mlm-tied": ("bert", tf.BertForMaskedLM, torch.bfloat16, dict(heads=8, depth=4, head_split="contiguous")),
+    "distilbert": ("distilbert", None, torch.float32, dict(heads=8, depth=3, mlp=64, head_split="contiguous")),
+    "deberta-v2": ("deberta-v2", None, torch.float32, dict(heads=8, depth=4, mlp=48, head_split="contiguous")),
+    "deberta-interleaved": ("deberta", None, torch.float32, dict(heads=8, depth=4, head_split="contiguous")),
+    "gpt2-tied": ("gpt2", tf.GPT2LMHeadModel, torch.bfloat16, dict(heads=8, depth=4, mlp=48, select="uniform",
+                                                                 head_split="contiguous")),
+    "gpt_neox-interleaved": ("gpt_neox", None, torch.float32, dict(heads=8, depth=4, mlp=64, select="first")),
+    "llama-gqa": ("llama", tf.LlamaForCausalLM, torch.bfloat16, dict(heads=8, depth=4, mlp=64, select="uniform")),
+    "llama-keep-head-dim": ("llama", tf.LlamaForCausalLM, torch.bfloat16,
+                            dict(heads=8, keep=[0, 3, 5], keep_head_dim=True)),
+    "qwen3-keep-head-dim": ("qwen3", None, torch.float16, dict(heads=8, depth=4, keep_head_dim=True, select="last")),
+    "mistral": ("mistral", None, torch.float32, dict(heads=8, keep=[1, 2, 4], mlp=48)),
+    "mpnet-shared-bias": ("mpnet", None, torch.float32, dict(heads=8, depth=4, head_split="contiguous")),
+    "albert-shared-layer": ("albert", None, torch.float32, dict(heads=8, depth=4, head_split="contiguous")),
+}
+SHARD = "40KB"  # the tiny models are 0.1-0.7 MB: 3 shards or more each
+
+
+def source(tmp_path: Path, model_type: str, head=None, dtype=torch.float32, shard=SHARD) -> Path:
+    if head is None:
+        model = tiny_model(model_type)
+    else:
+        torch.manual_seed(0)
+        model = head(tiny_config(model_type))
+    folder = tmp_path / f"{model_type}-source"
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def in_memory(monkeypatch, *args, **kwargs) -> dict:
+    with monkeypatch.context() as m:
+        m.setattr(reshape.pipeline, "can_stream", lambda *a, **k: False)
+        return reshape.convert(*args, **kwargs)
+
+
+def streamed(monkeypatch, *args, **kwargs) -> dict:
+    with monkeypatch.context() as m:  # a streamed run never loads the model
+        m.setattr(reshape.pipeline, "load_model", lambda *a: pytest.fail("loaded the whole model"))
+        return reshape.convert(*args, **kwargs)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})
+    return out
+
+
+def assert_same_folder(a: Path, b: Path) -> None:
+    x, y = tensors(a), tensors(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+    for name in ("config.json", "generation_config.json"):
+        assert (a / name).is_file() == (b / name).is_file(), name
+        if (a / name).is_file():
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+    recipe = [json.loads((f / "reshape.json").read_text()) for f in (a, b)]
+    assert recipe[0] == recipe[1]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_folder_equals_the_in_memory_one(case, tmp_path, monkeypatch):
+    model_type, head, dtype, options = CASES[case]
+    src = source(tmp_path, model_type, head, dtype)
+    assert len(list(src.glob("*.safetensors"))) >= 3
+    streamed(monkeypatch, str(src), tmp_path / "streamed", **options)
+    in_memory(monkeypatch, str(src), tmp_path / "in-memory", **options)
+    assert_same_folder(tmp_path / "streamed", tmp_path / "in-memory")
+    assert {t.dtype for t in tensors(tmp_path / "streamed").values() if t.is_floating_point()} == {dtype}
+
+
+def test_output_shards_take_the_source_shard_size_with_an_index(tmp_path, monkeypatch):
+    src = source(tmp_path, "llama", tf.LlamaForCausalLM)
+    largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
+    streamed(monkeypatch, str(src), tmp_path / "out", heads=8, depth=4, select="uniform")
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) >= 3 and all(p.stat().st_size <= largest + 4096 for p in shards)  # + the header
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(tmp_path / "out").values())
+
+
+def test_a_single_file_source_gives_a_single_file(tmp_path, monkeypatch):
+    src = source(tmp_path, "bert", shard="50GB")
+    streamed(monkeypatch, str(src), tmp_path / "out", heads=8, depth=3, head_split="contiguous")
+    in_memory(monkeypatch, str(src), tmp_path / "in-memory", heads=8, depth=3, head_split="contiguous")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "in-memory").iterdir())
+    assert_same_folder(tmp_path / "out", tmp_path / "in-memory")
+
+
+@pytest.mark.parametrize("model_type, head", [("llama", tf.LlamaForCausalLM), ("gpt2", tf.GPT2LMHeadModel)])
+def test_streamed_folder_loads_with_plain_from_pretrained(model_type, head, tmp_path, monkeypatch):
+    src = source(tmp_path, model_type, head, torch.bfloat16)
+    options = dict(heads=8, depth=4, mlp=48, select="uniform", head_split="contiguous")
+    streamed(monkeypatch, str(src), tmp_path / "streamed", **options)
+    in_memory(monkeypatch, str(src), tmp_path / "in-memory", **options)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for folder in ("streamed", "in-memory"):
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
+        assert model.dtype == torch.bfloat16
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    assert torch.equal(*logits)
+
+
+def test_one_block_at_a_time_and_dropped_layers_never_read(tmp_path, monkeypatch):
+    src = source(tmp_path, "llama", tf.LlamaForCausalLM)
+    reads, blocks = [], []
+    get, transfer = reshape.streaming.Checkpoint.get, reshape.streaming.transfer_block
+    monkeypatch.setattr(reshape.streaming.Checkpoint, "get", lambda self, key, dtype: reads.append(key) or get(self, key, dtype))
+    monkeypatch.setattr(reshape.streaming, "transfer_block", lambda layer, *a: blocks.append(sorted(layer)) or transfer(layer, *a))
+    streamed(monkeypatch, str(src), tmp_path / "out", heads=8, keep=[0, 2, 5])
+    layers = [int(key.split(".")[2]) for key in reads if key.startswith("model.layers.")]
+    assert layers == sorted(layers) and set(layers) == {0, 2, 5}  # in order, each kept block read once
+    assert len(reads) == len(set(reads)) and len(blocks) == 3
+
+
+@pytest.mark.parametrize("model_type, head, options, streams", [
+    ("bert", None, dict(), False),  # the rule of thumb doubles the heads: aware split, fitted on activations
+    ("bert", None, dict(head_split="contiguous"), True),
+    ("bert", None, dict(depth=4), True),  # heads kept: nothing to split
+    ("llama", tf.LlamaForCausalLM, dict(depth=4), False),  # a decoder's layers are picked by Block Influence
+    ("llama", tf.LlamaForCausalLM, dict(depth=4, select="uniform"), True),
+    ("llama", tf.LlamaForCausalLM, dict(keep=[0, 1, 5]), True),
+    ("llama", tf.LlamaForCausalLM, dict(depth=4, select="uniform", init="random"), False),
+    ("mixtral", None, dict(depth=4, select="uniform"), False),  # experts fused on load, unfused on save
+    ("vit", None, dict(depth=4, head_split="contiguous"), False),  # attention renamed on load and back on save
+])
+def test_which_runs_stream(model_type, head, options, streams, tmp_path):
+    src = open_source(str(source(tmp_path, model_type, head)))
+    plan = plan_for(src.spec, options.pop("heads", None), options.pop("depth", None), src.preset, **options)
+    assert reshape.streaming.can_stream(src, plan, importance=by_importance(src.spec, options), calib=None) is streams
+
+
+def test_calibration_data_keeps_the_in_memory_path(tmp_path):
+    src = open_source(str(source(tmp_path, "bert")))
+    plan = plan_for(src.spec, None, 4, None)
+    assert reshape.streaming.can_stream(src, plan, importance=False, calib=None)
+    assert not reshape.streaming.can_stream(src, plan, importance=False, calib="hamlet")
+
+
+def test_a_checkpoint_with_extra_weights_keeps_the_in_memory_path(tmp_path):
+    folder = source(tmp_path, "bert", shard="50GB")
+    state = tensors(folder)
+    save_file({**state, "stray.weight": torch.zeros(2)}, folder / "model.safetensors", metadata={"format": "pt"})
+    src = open_source(str(folder))
+    assert not reshape.streaming.can_stream(src, plan_for(src.spec, None, 4, None), importance=False, calib=None)
+
+
+# --- bad input: one line naming the file and the fix, exit 2, nothing written ---------------------
+
+
+def rewrite(path: Path, change) -> None:
+    state = tensors_of(path)
+    save_file(change(state), path, metadata={"format": "pt"})
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def holding(folder: Path, key: str) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return folder / index["weight_map"][key]
+
+
+def truncate(folder: Path) -> str:
+    path = holding(folder, "model.layers.1.mlp.up_proj.weight")
+    path.write_bytes(path.read_bytes()[:-100])
+    return path.name
+
+
+def delete(folder: Path) -> str:
+    path = holding(folder, "model.layers.1.mlp.up_proj.weight")
+    path.unlink()
+    return path.name
+
+
+def index_names_a_missing_file(folder: Path) -> str:
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
+    index_path.write_text(json.dumps(index))
+    return "model-00099-of-00099.safetensors"
+
+
+def wrong_shape(folder: Path) -> str:
+    key = "model.layers.2.self_attn.k_proj.weight"
+    rewrite(holding(folder, key), lambda s: {**s, key: s[key].t().contiguous()})
+    return holding(folder, key).name
+
+
+def wrong_dtype(folder: Path) -> str:
+    key = "model.layers.2.self_attn.k_proj.weight"
+    rewrite(holding(folder, key), lambda s: {**s, key: s[key].to(torch.int32)})
+    return holding(folder, key).name
+
+
+def pickle_shard(folder: Path) -> str:
+    path = holding(folder, "model.layers.1.mlp.up_proj.weight")
+    torch.save(tensors_of(path), folder / "pytorch_model-00002.bin")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: "pytorch_model-00002.bin" if v == path.name else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    path.unlink()
+    return "pytorch_model-00002.bin"
+
+
+@pytest.mark.parametrize("damage", [truncate, delete, index_names_a_missing_file, wrong_shape, wrong_dtype,
+                                    pickle_shard])
+def test_bad_files_are_refused_in_one_line_before_anything_is_written(damage, tmp_path):
+    folder = source(tmp_path, "llama", tf.LlamaForCausalLM)
+    name = damage(folder)
+    out = tmp_path / "outputs" / "out"
+    result = CliRunner().invoke(app, ["convert", str(folder), "-o", str(out), "--heads", "8",
+                                                  "--depth", "4", "--select", "uniform", "--quiet"],
+                                env={"COLUMNS": "1000", "NO_COLOR": "1"})
+    logging.getLogger().handlers.clear()  # the CLI bound its log handler to the runner's stream
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1 and name in errors[0] and "; " in errors[0], result.output
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # no OUT, no lock, no temporary folder
