@@ -5,17 +5,28 @@ it back with `save_pretrained`. Each run happens in a fresh subprocess so that i
 own; a child that only imports the same modules gives the baseline that is subtracted.
 
     python benchmarks/convert.py [--repeats 3] [--json]
+
+`--shape tinyllama` measures the streaming conversion (reshape/streaming.py) on a random-weight LLaMA
+shaped like TinyLlama-1.1B (22 layers, hidden 2048, 32 heads, 4 KV heads, MLP 5632, vocab 32000, bf16,
+1 GB shards; about 2.2 GB written to a temporary folder, plus one output at a time): `reshape convert
+SRC -o OUT --heads 64 --depth 15 --select uniform` against `from_pretrained(dtype="auto")` +
+`save_pretrained`, each a whole fresh process timed as a user waits for it, alternating, with its peak
+RSS from the OS (os.wait4), above that of a process that only imports torch, transformers and reshape.
+
+    python benchmarks/convert.py --shape tinyllama [--repeats 2] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 TIME_TARGET = 1.25  # convert time / floor time
@@ -109,15 +120,136 @@ def report(n: dict) -> str:
     return "\n".join(lines)
 
 
+# --- --shape tinyllama: streaming conversion of a 1.1B decoder, whole processes -----------------------
+
+TINYLLAMA = dict(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+STREAM_TIME_TARGET = 0.75  # convert time / floor time, whole processes
+STREAM_MEMORY_TARGET = 0.25  # convert peak / floor peak, both above the interpreter baseline
+DISK_NEEDED = 4.6e9  # the 2.2 GB source and one output at a time (the floor rewrites all 2.2 GB)
+# The `reshape` console script beside this interpreter, as a user runs it (else the same entry point).
+RESHAPE = ([str(Path(sys.executable).with_name("reshape"))] if Path(sys.executable).with_name("reshape").is_file()
+           else [sys.executable, "-c", "from reshape.cli import main; main()"])
+PROGRAMS = {  # each run is one fresh process; {src} and {out} are filled in
+    "baseline": [sys.executable, "-c", "import torch, transformers, reshape"],
+    "floor": [sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
+              "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto').save_pretrained(sys.argv[2])",
+              "{src}", "{out}"],
+    "convert": [*RESHAPE, "convert", "{src}", "-o", "{out}", "--heads", "64", "--depth", "15", "--select", "uniform",
+                "--quiet"],
+}
+
+
+def make_tinyllama(folder: str, shard_size: str = "1GB") -> None:
+    """Write the checkpoint shard by shard: a 1 GB shard of random bf16 tensors is the most held at once,
+    never the model (its tensor names and shapes come from a skeleton on the meta device)."""
+    import torch
+    from accelerate import init_empty_weights
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    config = LlamaConfig(**TINYLLAMA, dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    meta = {name: t.to(torch.bfloat16) for name, t in model.state_dict().items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors", max_shard_size=shard_size)
+    generator = torch.Generator().manual_seed(0)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: (torch.randn(meta[name].shape, generator=generator) * 0.02).to(torch.bfloat16) for name in names}
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        del shard
+    config.save_pretrained(folder)
+    if not split.is_sharded:
+        return
+    index = {"metadata": {"total_parameters": sum(t.numel() for t in meta.values()), **split.metadata},
+             "weight_map": split.tensor_to_filename}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def run_process(task: str, src: Path, out: Path) -> dict:
+    """One whole process: wall-clock seconds and its own peak RSS (os.wait4 reports the child's rusage;
+    this driver imports no torch, so the child does not inherit a large high-water mark)."""
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [a.format(src=src, out=out) for a in PROGRAMS[task]]
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        sys.exit(f"{task} run failed ({process.returncode}):\n{stderr.decode()[-3000:]}")
+    if task == "convert" and not (out / "model.safetensors.index.json").is_file():  # the in-memory path writes one file
+        sys.exit("convert did not stream (no sharded output); see reshape/streaming.py can_stream")
+    shutil.rmtree(out, ignore_errors=True)  # one output on disk at a time
+    return {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024}  # KiB on Linux
+
+
+def measure_tinyllama(repeats: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="reshape-bench-") as tmp:
+        tmp = Path(tmp)
+        free = shutil.disk_usage(tmp).free
+        if free < DISK_NEEDED:
+            sys.exit(f"{tmp} has {free / 1e9:.1f} GB free; the TinyLlama benchmark needs {DISK_NEEDED / 1e9:.1f} GB "
+                     "(set TMPDIR to a folder on a larger disk)")
+        (tmp / "src").mkdir()
+        subprocess.run([sys.executable, __file__, "--child", "tinyllama", str(tmp / "src"), "-"], check=True)
+        source_gb = sum(p.stat().st_size for p in (tmp / "src").iterdir()) / 1e9
+        baseline = max(run_process("baseline", tmp / "src", tmp / "out")["peak_mib"] for _ in range(repeats))
+        runs = {"floor": [], "convert": []}
+        for _ in range(repeats):  # alternating, so drift in machine load hits both alike
+            for task in runs:
+                runs[task].append(run_process(task, tmp / "src", tmp / "out"))
+    numbers = {"shape": "tinyllama", "repeats": repeats, "source_gb": round(source_gb, 2),
+               "baseline_peak_mib": round(baseline, 1)}
+    for task, results in runs.items():
+        numbers[f"{task}_seconds"] = round(statistics.median(r["seconds"] for r in results), 2)
+        numbers[f"{task}_runs_seconds"] = [round(r["seconds"], 2) for r in results]
+        numbers[f"{task}_peak_mib"] = round(max(r["peak_mib"] for r in results), 1)
+        numbers[f"{task}_peak_above_baseline_mib"] = round(numbers[f"{task}_peak_mib"] - baseline, 1)
+    numbers["time_ratio"] = round(numbers["convert_seconds"] / numbers["floor_seconds"], 3)
+    numbers["memory_ratio"] = round(numbers["convert_peak_above_baseline_mib"]
+                                    / numbers["floor_peak_above_baseline_mib"], 3)
+    numbers["time_pass"] = numbers["time_ratio"] <= STREAM_TIME_TARGET
+    numbers["memory_pass"] = numbers["memory_ratio"] <= STREAM_MEMORY_TARGET
+    return numbers
+
+
+def report_tinyllama(n: dict) -> str:
+    verdict = {True: "PASS", False: "FAIL"}
+    return "\n".join([
+        f"TinyLlama-1.1B shape, random bf16, {n['source_gb']:.2f} GB in 1 GB shards -> 64 heads, 15 layers "
+        f"(streamed); {n['repeats']} alternating rounds, whole processes",
+        f"time: convert {n['convert_seconds']:.2f} s {n['convert_runs_seconds']} vs floor {n['floor_seconds']:.2f} s "
+        f"{n['floor_runs_seconds']}: {n['time_ratio']:.2f}x (target <= {STREAM_TIME_TARGET}) {verdict[n['time_pass']]}",
+        f"peak RSS above the {n['baseline_peak_mib']:.0f} MiB baseline: convert {n['convert_peak_above_baseline_mib']:.0f} "
+        f"MiB vs floor {n['floor_peak_above_baseline_mib']:.0f} MiB: {n['memory_ratio']:.2f}x "
+        f"(target <= {STREAM_MEMORY_TARGET}) {verdict[n['memory_pass']]}",
+        f"raw peak RSS (MiB): baseline {n['baseline_peak_mib']:.0f}, floor {n['floor_peak_mib']:.0f}, "
+        f"convert {n['convert_peak_mib']:.0f}",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shape", choices=["bert-base", "tinyllama"], default="bert-base",
+                        help="bert-base: reshape.convert in-process against the floor; tinyllama: the streamed "
+                             "CLI conversion of a 1.1B decoder, whole processes")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default: 3 for bert-base, 2 for tinyllama)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--child", nargs=3, metavar=("TASK", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.child[0] == "tinyllama":
+            return make_tinyllama(args.child[1])
         return child(*args.child)
-    numbers = measure(args.repeats)
+    if args.shape == "tinyllama":
+        numbers = measure_tinyllama(args.repeats or 2)
+        print(json.dumps(numbers, indent=2) if args.json else report_tinyllama(numbers))
+        return
+    numbers = measure(args.repeats or 3)
     print(json.dumps(numbers, indent=2) if args.json else report(numbers))
 
 
