@@ -21,7 +21,7 @@ from .headsplit import attention_input_covariances
 from .importance import layer_scores, most_important
 from .inputs import random_inputs
 from .card import write_card
-from .output import output_problems, staged
+from .output import locked, output_problems, space_problems, staged, weight_bytes
 from .plan import Plan, legal_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
@@ -175,47 +175,50 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
     if (fx := fx_source(source)) is not None:  # a factory, or a timm model no adapter claims
         return fx_convert(fx, out, heads, depth, overwrite=overwrite, trust_remote_code=trust_remote_code,
                           **options)
-    writing = output_problems(out, overwrite)
-    try:  # report output and model problems together
-        src = open_source(source, trust_remote_code)
-        writing = output_problems(out, overwrite, src.folder)
-        plan = plan_for(src.spec, heads, depth, src.preset, **options)
-    except ReshapeError as e:
-        raise ReshapeError(writing + e.problems) from None
-    if writing:
-        raise ReshapeError(writing)
-    importance = by_importance(src.spec, options)
-    # Streaming: no model in memory, the same folder (reshape/streaming.py says when it applies).
-    if can_stream(src, plan, importance=importance, calib=calib):
-        return _convert_streaming(src, plan, out, overwrite, progress)
-    family = src.spec.family
-    with _steps(progress) as step:
-        with step(f"Loading {source}"):
-            model = load_model(src)
-        scores = None
-        batches = calibration_batches(src, calib) if calib else None
-        if importance:
-            with step(f"Scoring layers on {calib or 'random tokens'}"):
-                scores = layer_scores(model, family.layers(model), batches or random_inputs(model))
-                plan = replace(plan, keep=most_important(scores, plan.depth))
-        with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"):
-            covs = _input_covariances(model, src.spec, plan, batches)
-            new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True, input_covs=covs)
-            recipe = make_recipe(src, plan, model, new)
-            if scores:
-                recipe["layer_scores"] = {"metric": "block-influence", "calib": calib or "random tokens",
-                                          "scores": scores}
-            if covs:
-                recipe["head_split_calib"] = calib or "random inputs"
-            del model
-        if family.library == "timm" and not family.timm_loads(new_spec.config):
-            log.warning("reshape: %s will need reshape.load (or reshape finetune/eval/report) to load: timm alone "
-                        "cannot build its attention (%s)", out, ", ".join(f"{k}={v}" for k, v in
-                                                                        family.extra_config(new).items()))
-        with step(f"Saving to {out}"), staged(out) as tmp:
-            family.save(new, new_spec, tmp)
-            _write_recipe_and_card(src, recipe, tmp, out)
-    return recipe
+    with locked(out):  # from the first check to the final rename: a second writer is refused
+        writing = output_problems(out, overwrite)
+        try:  # report output and model problems together
+            src = open_source(source, trust_remote_code)
+            writing = output_problems(out, overwrite, src.folder)
+            plan = plan_for(src.spec, heads, depth, src.preset, **options)
+        except ReshapeError as e:
+            raise ReshapeError(writing + e.problems) from None
+        if writing:
+            raise ReshapeError(writing)
+        importance = by_importance(src.spec, options)
+        # Streaming: no model in memory, the same folder (reshape/streaming.py says when it applies).
+        if can_stream(src, plan, importance=importance, calib=calib):
+            return _convert_streaming(src, plan, out, overwrite, progress)
+        family = src.spec.family
+        with _steps(progress) as step:
+            with step(f"Loading {source}"):
+                model = load_model(src)
+            scores = None
+            batches = calibration_batches(src, calib) if calib else None
+            if importance:
+                with step(f"Scoring layers on {calib or 'random tokens'}"):
+                    scores = layer_scores(model, family.layers(model), batches or random_inputs(model))
+                    plan = replace(plan, keep=most_important(scores, plan.depth))
+            with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"):
+                covs = _input_covariances(model, src.spec, plan, batches)
+                new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True, input_covs=covs)
+                recipe = make_recipe(src, plan, model, new)
+                if scores:
+                    recipe["layer_scores"] = {"metric": "block-influence", "calib": calib or "random tokens",
+                                              "scores": scores}
+                if covs:
+                    recipe["head_split_calib"] = calib or "random inputs"
+                del model
+            if family.library == "timm" and not family.timm_loads(new_spec.config):
+                log.warning("reshape: %s will need reshape.load (or reshape finetune/eval/report) to load: timm alone "
+                            "cannot build its attention (%s)", out, ", ".join(f"{k}={v}" for k, v in
+                                                                            family.extra_config(new).items()))
+            if problems := space_problems(out, weight_bytes(new)):
+                raise ReshapeError(problems)
+            with step(f"Saving to {out}"), staged(out, overwrite) as tmp:
+                family.save(new, new_spec, tmp)
+                _write_recipe_and_card(src, recipe, tmp, out)
+        return recipe
 
 
 def _convert_streaming(src: Source, plan: Plan, out: Path, overwrite: bool, progress: bool) -> dict:
@@ -226,7 +229,7 @@ def _convert_streaming(src: Source, plan: Plan, out: Path, overwrite: bool, prog
             conversion = Conversion(src, plan)
         recipe = make_recipe(src, plan, conversion.source, conversion.new)
         with step(f"Streaming to {out}: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"), \
-                staged(out) as tmp:
+                staged(out, overwrite) as tmp:
             conversion.write(tmp)
             _write_recipe_and_card(src, recipe, tmp, out)
     return recipe

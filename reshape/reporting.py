@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from .conditioning import layer_conditioning, layer_heads
 from .errors import Problem, ReshapeError, fail
 from .inputs import max_tokens, random_inputs
-from .output import output_problems, staged
+from .output import locked, output_problems, staged
 from .source import load_model, open_source
 from .summary import count_params
 
@@ -31,70 +32,72 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
            out: str | Path | None = None, overwrite: bool = False, progress=None) -> dict:
     """Measure BASE and LEANER (folders, aliases or Hub ids) side by side; write report.json,
     report.md and plots to `out` when given."""
-    problems = output_problems(Path(out), overwrite) if out else []
-    if (data is None) != (task is None):
-        missing, given = ("task", "data") if task is None else ("data", "task")
-        problems.append(Problem(missing, None, f"is needed with --{given}: quality is measured on DATA for TASK",
-                                "pass both --data and --task, or neither"))
-    if any(b < 1 for b in batch_sizes) or seq_len < 1 or repeats < 1:
-        problems.append(Problem("batch_sizes", ",".join(map(str, batch_sizes)), f"with seq_len {seq_len} and "
-                                f"repeats {repeats}: each must be at least 1", "use e.g. --batch-sizes 1,32"))
-    if problems:
-        raise ReshapeError(problems)
-    step = progress or (lambda text: None)
-    sources = {"base": open_source(str(base)), "leaner": open_source(str(leaner))}
-    families = {name: src.spec.family for name, src in sources.items()}
-    if families["base"] is not families["leaner"]:
-        raise fail("leaner", leaner, f"is a {families['leaner'].name} model but the base is {families['base'].name}",
-                   "compare a model with the one it was converted from")
-    family = families["base"]
-    models = {}
-    for name, src in sources.items():
-        step(f"Loading {name}: {src.name}")
-        model = load_model(src).eval()
-        # Measure in float32; GGUF sources already load as float32 (and transformers refuses .float() on them).
-        models[name] = model if next(model.parameters()).dtype == torch.float32 else model.float()
-    limit = min(filter(None, (max_tokens(m) for m in models.values())), default=None)
-    if limit and seq_len > limit:
-        raise fail("seq_len", seq_len, f"exceeds the {limit} positions the models take", f"use at most {limit}")
+    with locked(Path(out)) if out else nullcontext():  # from the first check to the final rename
+        problems = output_problems(Path(out), overwrite) if out else []
+        if (data is None) != (task is None):
+            missing, given = ("task", "data") if task is None else ("data", "task")
+            problems.append(Problem(missing, None, f"is needed with --{given}: quality is measured on DATA for TASK",
+                                    "pass both --data and --task, or neither"))
+        if any(b < 1 for b in batch_sizes) or seq_len < 1 or repeats < 1:
+            problems.append(Problem("batch_sizes", ",".join(map(str, batch_sizes)), f"with seq_len {seq_len} and "
+                                    f"repeats {repeats}: each must be at least 1", "use e.g. --batch-sizes 1,32"))
+        if problems:
+            raise ReshapeError(problems)
+        step = progress or (lambda text: None)
+        sources = {"base": open_source(str(base)), "leaner": open_source(str(leaner))}
+        families = {name: src.spec.family for name, src in sources.items()}
+        if families["base"] is not families["leaner"]:
+            raise fail("leaner", leaner,
+                       f"is a {families['leaner'].name} model but the base is {families['base'].name}",
+                       "compare a model with the one it was converted from")
+        family = families["base"]
+        models = {}
+        for name, src in sources.items():
+            step(f"Loading {name}: {src.name}")
+            model = load_model(src).eval()
+            # Measure in float32; GGUF sources already load as float32 (and transformers refuses .float() on them).
+            models[name] = model if next(model.parameters()).dtype == torch.float32 else model.float()
+        limit = min(filter(None, (max_tokens(m) for m in models.values())), default=None)
+        if limit and seq_len > limit:
+            raise fail("seq_len", seq_len, f"exceeds the {limit} positions the models take", f"use at most {limit}")
 
-    result = {"schema": SCHEMA, "base": sources["base"].name, "leaner": sources["leaner"].name,
-              "family": family.name, "threads": torch.get_num_threads(), "seq_len": seq_len,
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "models": {}}
-    for name, model in models.items():
-        shape = family.shape(sources[name].spec.config)
-        entry = {"shape": shape.to_dict(), "params": components(model, family)}
-        step(f"Counting FLOPs: {name}")
-        entry["flops_per_sample"] = flops(model, _inputs(model, 1, seq_len))
-        step(f"Peak memory: {name}")
-        entry["memory"] = peak_memory(model, _inputs(model, batch_sizes[-1], seq_len))
-        if kappa:
-            step(f"Conditioning: {name}")
-            entry["conditioning"] = layer_conditioning(model, family, _kappa_batches(sources[name], model, data),
-                                                       layer_heads(shape))
-        if data:
-            from .train.finetune import evaluate
+        result = {"schema": SCHEMA, "base": sources["base"].name, "leaner": sources["leaner"].name,
+                  "family": family.name, "threads": torch.get_num_threads(), "seq_len": seq_len,
+                  "device": "cuda" if torch.cuda.is_available() else "cpu", "models": {}}
+        for name, model in models.items():
+            shape = family.shape(sources[name].spec.config)
+            entry = {"shape": shape.to_dict(), "params": components(model, family)}
+            step(f"Counting FLOPs: {name}")
+            entry["flops_per_sample"] = flops(model, _inputs(model, 1, seq_len))
+            step(f"Peak memory: {name}")
+            entry["memory"] = peak_memory(model, _inputs(model, batch_sizes[-1], seq_len))
+            if kappa:
+                step(f"Conditioning: {name}")
+                entry["conditioning"] = layer_conditioning(model, family, _kappa_batches(sources[name], model, data),
+                                                           layer_heads(shape))
+            if data:
+                from .train.finetune import evaluate
 
-            step(f"Evaluating: {name}")
-            entry["quality"] = {split: evaluate(sources[name].name, task=task, data=data, split=split)
-                                for split in ("validation", "test")}
-        result["models"][name] = entry
-    step("Timing both models, alternating")
-    for batch in batch_sizes:
-        timed = latency(models, {name: _inputs(m, batch, seq_len) for name, m in models.items()}, repeats)
-        for name, timing in timed.items():
-            result["models"][name].setdefault("latency", {})[str(batch)] = timing
-    result["ratios"] = ratios(result["models"]["base"], result["models"]["leaner"])
-    result["notes"] = notes(result)
-    if out:
-        with staged(Path(out)) as tmp:
-            write(result, tmp)
-        owner = Path(out).resolve().parent
-        if Path(out).name == "report" and (owner / "reshape.json").is_file():  # LEANER/report: the card shows it
-            from .card import write_card
+                step(f"Evaluating: {name}")
+                entry["quality"] = {split: evaluate(sources[name].name, task=task, data=data, split=split)
+                                    for split in ("validation", "test")}
+            result["models"][name] = entry
+        step("Timing both models, alternating")
+        for batch in batch_sizes:
+            timed = latency(models, {name: _inputs(m, batch, seq_len) for name, m in models.items()}, repeats)
+            for name, timing in timed.items():
+                result["models"][name].setdefault("latency", {})[str(batch)] = timing
+        result["ratios"] = ratios(result["models"]["base"], result["models"]["leaner"])
+        result["notes"] = notes(result)
+        if out:
+            with staged(Path(out), overwrite) as tmp:
+                write(result, tmp)
+            owner = Path(out).resolve().parent
+            if Path(out).name == "report" and (owner / "reshape.json").is_file():  # LEANER/report: the card shows it
+                from .card import write_card
 
-            write_card(owner)
-    return result
+                write_card(owner)
+        return result
 
 
 def components(model: nn.Module, family) -> dict[str, int]:

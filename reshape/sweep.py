@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import Problem, ReshapeError
+from .output import locks_out
 from .source import open_source
 from .train.loop import TrainConfig
 
@@ -40,6 +41,7 @@ def grid(source_heads: int, heads: list[int], depths: list[int]) -> list[Point]:
     return points
 
 
+@locks_out  # two sweeps into one OUT would share its work folder
 def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], data: str, task: str,
           budget: int, seeds: int = 1, init: str = "transfer", distill_data: str | None = None,
           breaks_below: float = 0.98, batch_size: int = 32, lr: float = 5e-5, max_length: int = 128,

@@ -20,7 +20,7 @@ from torch import nn
 from ..confine import inside, safetensors_weights
 from ..version import __version__
 from ..errors import Problem, ReshapeError, fail
-from ..output import output_problems, staged
+from ..output import locked, output_problems, space_problems, staged, weight_bytes
 from ..plan import Plan, target_shape
 from .rewrite import apply_plan, params, plan_fx
 from .source import build, recorded
@@ -60,8 +60,11 @@ def recipe_of(source: dict, plan: Plan, shape, leaf_modules, model: nn.Module, n
     }
 
 
-def save(new: fx.GraphModule, recipe: dict, out: Path) -> None:
-    with staged(Path(out)) as tmp:
+def save(new: fx.GraphModule, recipe: dict, out: Path, overwrite: bool = False) -> None:
+    """Write OUT; under OUT's lock (`locked`), which the caller took before checking OUT."""
+    if problems := space_problems(out, weight_bytes(new)):
+        raise ReshapeError(problems)
+    with staged(Path(out), overwrite) as tmp:
         save_model(new, str(tmp / "model.safetensors"))  # shared (tied) tensors are stored once
         (tmp / "code.py").write_text(code_of(new))
         (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
@@ -71,21 +74,23 @@ def convert(source: dict, out: str | Path, heads: int | None = None, depth: int 
             overwrite: bool = False, trust_remote_code: bool = False, leaf_modules=(), **options) -> dict:
     """Build the source, rewrite it, write OUT; return the recipe. Nothing is written on bad input."""
     out = Path(out)
-    writing = output_problems(out, overwrite, Path(source["folder"]) if "folder" in source else None)
-    if options.get("select") == "importance":
-        writing.append(Problem("select", "importance", "needs calibration inputs, which the fx path cannot "
-                               "make for an arbitrary module", "use uniform, first, last or --keep"))
-    try:
-        model = build(source, trust_remote_code)
-        planned = plan_fx(model, heads, depth, leaf_modules, name=source.get("factory") or source["timm"], **options)
-    except ReshapeError as e:
-        raise ReshapeError(writing + e.problems) from None
-    if writing:
-        raise ReshapeError(writing)
-    new = apply_plan(model, planned.plan, planned.shape.heads, leaf_modules, traced=(planned.gm, planned.stack))
-    recipe = recipe_of(source, planned.plan, planned.shape, leaf_modules, model, new)
-    save(new, recipe, out)
-    return recipe
+    with locked(out):  # from the first check to the final rename: a second writer is refused
+        writing = output_problems(out, overwrite, Path(source["folder"]) if "folder" in source else None)
+        if options.get("select") == "importance":
+            writing.append(Problem("select", "importance", "needs calibration inputs, which the fx path cannot "
+                                   "make for an arbitrary module", "use uniform, first, last or --keep"))
+        try:
+            model = build(source, trust_remote_code)
+            planned = plan_fx(model, heads, depth, leaf_modules, name=source.get("factory") or source["timm"],
+                              **options)
+        except ReshapeError as e:
+            raise ReshapeError(writing + e.problems) from None
+        if writing:
+            raise ReshapeError(writing)
+        new = apply_plan(model, planned.plan, planned.shape.heads, leaf_modules, traced=(planned.gm, planned.stack))
+        recipe = recipe_of(source, planned.plan, planned.shape, leaf_modules, model, new)
+        save(new, recipe, out, overwrite)
+        return recipe
 
 
 def load(out: str | Path, trust_remote_code: bool = False) -> fx.GraphModule:

@@ -21,7 +21,7 @@ import torch
 from ..card import write_card
 from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
-from ..output import copy_extra_files, output_problems
+from ..output import copy_extra_files, locks_out, output_problems, umask_modes
 from ..source import load_model, open_source
 from ..stages import refuse_stages
 from .data import label_names, load_data, text_lengths
@@ -34,6 +34,7 @@ from .tasks import load_model as load_task_model
 EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable mean loss
 
 
+@locks_out  # the whole run, checks to final save: a second writer to OUT is refused
 def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: str | Path,
             task: str | None = None, label_column: str | None = None, config: TrainConfig = TrainConfig(),
             weights: DistillWeights = DistillWeights(), temperature: float = 2.0, hidden_kind: str = "mse",
@@ -156,6 +157,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
         copy_extra_files(student, out)
         (out / "reshape.json").write_text(json.dumps({**(recipe or {}), "distillation": result}, indent=2) + "\n")
         write_card(out, student)
+        umask_modes(out)  # safetensors writes 0600
         if not keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result

@@ -14,13 +14,14 @@ from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
 from ..source import load_model as load_source_model
 from ..source import local_model, open_source
-from ..output import output_problems
+from ..output import locks_out, output_problems, umask_modes
 from .data import DEFAULT_VALIDATION_RATIO, SPLITS, label_names, load_data, text_lengths
 from .losses import mean_pool
 from .loop import TrainConfig, is_main_process, train
 from .tasks import collator, get_task, load_model, preprocessor, score
 
 
+@locks_out  # the whole run, checks to final save: a second writer to OUT is refused
 def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config: TrainConfig = TrainConfig(),
              text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
              max_length: int = 128, lora: int | None = None, validation_ratio: float = DEFAULT_VALIDATION_RATIO,
@@ -62,6 +63,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
         processor.save_pretrained(out)
         (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
         write_card(out, model)
+        umask_modes(out)  # safetensors writes 0600
         if not keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
