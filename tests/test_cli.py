@@ -1,7 +1,7 @@
 """The `reshape` command end to end: real subprocesses, real exit codes, real files.
 
 Every refusal must exit with code 2, print one `error: field=value: reason; fix` line per problem on
-stderr (no traceback), and leave nothing behind: no OUT and no hidden `.OUT.reshape-tmp-*` sibling.
+stderr (no traceback), and leave nothing behind: no OUT and no hidden `.OUT.reshape-*` sibling (temporary folder, lock).
 Each subprocess pays the torch/transformers import (5-10 s here), so cases share runs where they can.
 """
 
@@ -58,7 +58,7 @@ def assert_refused(result: subprocess.CompletedProcess, *problems: tuple[str, ob
 
 def leftovers(parent: Path) -> list[str]:
     """Staging or backup folders that a run left next to its OUT."""
-    return sorted(p.name for p in parent.iterdir() if ".reshape-tmp-" in p.name or ".reshape-old-" in p.name)
+    return sorted(p.name for p in parent.iterdir() if ".reshape-" in p.name)
 
 
 def assert_nothing_written(out: Path) -> None:
