@@ -107,7 +107,7 @@ def split_errors() -> dict[str, dict[str, float]]:
     batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True, max_length=64,
                                                   return_tensors="pt")
     mask = batch["attention_mask"].bool()
-    calib = calibration_batches(open_source("minilm"), CALIB)
+    calib = calibration_batches(open_source("minilm"), CALIB, source)
 
     def hidden(model):
         return model.eval()(**batch).last_hidden_state[mask]

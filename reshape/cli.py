@@ -75,11 +75,14 @@ def _parse_indices(value: str | None, field: str) -> list[int] | None:
 
     if value is None:
         return None
+    fix = f"write e.g. --{field.replace('_', '-')} 0,2,4"
+    parts = value.split(",")
+    if any(not part.strip() for part in parts):  # "4,," must not pass as 4
+        raise fail(field, value, "has an empty item" if value.strip() else "is empty", fix)
     try:
-        return [int(part) for part in value.split(",") if part.strip()]
+        return [int(part) for part in parts]
     except ValueError:
-        raise fail(field, value, "is not a comma-separated list of whole numbers",
-                   f"write e.g. --{field.replace('_', '-')} 0,2,4") from None
+        raise fail(field, value, "is not a comma-separated list of whole numbers", fix) from None
 
 
 def _parse_count(value: str | None, field: str) -> int | list[int] | None:
@@ -126,6 +129,7 @@ def convert(
         from . import convert as convert_model
         from .summary import table
 
+        _check_push(push_to_hub)
         recipe = convert_model(model, out, _parse_count(heads, "heads"), _parse_count(depth, "depth"), seed=seed, overwrite=overwrite, calib=calib,
                                trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
                                **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
@@ -208,7 +212,9 @@ SaveEvery = Annotated[Optional[int], typer.Option(
 Patience = Annotated[Optional[int], typer.Option(
     help="Stop after N evaluations without a better validation score (default: 5 with the automatic budget, "
          "else off).")]
-MaxLength = Annotated[int, typer.Option(help="Tokens per example after truncation.")]
+MaxLength = Annotated[Optional[int], typer.Option(
+    help="Tokens per example after truncation, within the model's positions (default: 128, or fewer if it takes "
+         "fewer).")]
 Seed = Annotated[int, typer.Option(help="Seed for data order, dropout and fresh heads.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on a supporting GPU), no, fp16 or bf16.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT's last checkpoint.")]
@@ -254,7 +260,7 @@ def finetune(
     text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
     lora: Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank; merged on save.")] = None,
     steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
-    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = None, seed: Seed = 0, mixed_precision: Precision = "auto",
     save_every: SaveEvery = None,
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
@@ -267,6 +273,7 @@ def finetune(
     with _user_errors():
         from .train.finetune import finetune as run
 
+        _check_push(push_to_hub)
         result = run(model, out, task=task, data=data, text_column=text_column, label_column=label_column,
                      image_column=image_column, max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
                      keep_checkpoints=keep_checkpoints, log_kappa=log_kappa, progress=not (quiet or json_output),
@@ -284,7 +291,7 @@ def evaluate(
                                            "(cosine to --teacher's sentence embeddings).")],
     data: Data, text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
     teacher: Annotated[Optional[str], typer.Option(help="For --task embedding: the model to compare with.")] = None,
-    max_length: MaxLength = 128, seed: Seed = 0, json_output: Json = False,
+    max_length: MaxLength = None, seed: Seed = 0, json_output: Json = False,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
 ):
     """Score MODEL on a split of DATA (test by default): accuracy and F1, perplexity, or cosine to a teacher."""
@@ -319,7 +326,7 @@ def distill(
     layer_map: Annotated[Optional[str], typer.Option(
         help="Teacher layer for each student layer, e.g. 0,2,3,5 (default: reshape.json's kept layers).")] = None,
     steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
-    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = 128, seed: Seed = 0, mixed_precision: Precision = "auto",
+    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = None, seed: Seed = 0, mixed_precision: Precision = "auto",
     save_every: SaveEvery = None,
     resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
     log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
@@ -330,6 +337,7 @@ def distill(
         from .train.distill import distill as run
         from .train.losses import DistillWeights
 
+        _check_push(push_to_hub)
         result = run(teacher, student, out, data=data, task=task, text_column=text_column, label_column=label_column,
                      weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled, relation=relation, task=task_weight),
                      temperature=temperature, hidden_kind=hidden_kind, relation_heads=relation_heads,
@@ -377,6 +385,14 @@ def push(
         out_console.print(f"Dry run: nothing uploaded; {len(result['files'])} files would go to {repo}.")
     else:
         out_console.print(f"Pushed {len(result['files'])} files to {repo}: {result['url']}")
+
+
+def _check_push(repo: str | None) -> None:
+    """--push-to-hub: a bad repo id or a missing token is refused before the work, not after it."""
+    if repo is not None:
+        from .hub import check_target
+
+        check_target(repo)
 
 
 def _push_to_hub(out: Path, repo: str | None, quiet: bool) -> None:
@@ -468,7 +484,7 @@ def sweep(
         help="Text to distil each converted point on before fine-tuning (with --init transfer).")] = None,
     breaks_below: Annotated[float, typer.Option(
         help="Report the first point whose score falls below this fraction of the source's.")] = 0.98,
-    batch_size: BatchSize = 32, lr: Lr = 5e-5, max_length: MaxLength = 128,
+    batch_size: BatchSize = 32, lr: Lr = 5e-5, max_length: MaxLength = None,
     quiet: Quiet = False, json_output: Json = False,
 ):
     """Convert, recover and score MODEL at every heads x depth point, with same-heads controls; resumable."""

@@ -71,6 +71,7 @@ def head_correlation(outputs: torch.Tensor, heads: int) -> float:
 
 def kappa_log(model: nn.Module, batches: list[dict]) -> dict:
     """Per-layer median κ on fixed held-out batches, for the metrics log during training (--log-kappa)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside --lora's peft wrapper
     family = find_family(model)
     heads = layer_heads(family.shape(family.spec(model).config))
     device = next(model.parameters()).device

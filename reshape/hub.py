@@ -40,9 +40,7 @@ def push(folder: str | Path, repo: str, *, private: bool = False, revision: str 
               "card": card.read_text() if card.is_file() else None, "dry_run": dry_run, "url": None, "commit": None}
     if dry_run:
         return result
-    token = os.environ.get("HF_TOKEN") or _login_token()
-    if not token:
-        raise fail("token", None, "no Hugging Face token found", LOGIN_FIX)
+    token = _token()
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads its own at import
     try:
         commit = _upload(folder, files, repo, token, endpoint, private, revision,
@@ -106,6 +104,20 @@ def check_loads(folder: Path) -> None:
     if missing:
         raise fail("folder", folder, f"loads with {len(missing)} weights missing or of the wrong shape "
                    f"(e.g. {missing[0]})", "push a complete output folder of reshape convert, distill or finetune")
+
+
+def check_target(repo: str) -> None:
+    """What --push-to-hub needs that can be checked before the work whose result it uploads: the repo id
+    and a token. Found missing only after an hour of training, the upload would be lost work."""
+    _check_repo_id(repo)
+    _token()
+
+
+def _token() -> str:
+    token = os.environ.get("HF_TOKEN") or _login_token()
+    if not token:
+        raise fail("token", None, "no Hugging Face token found", LOGIN_FIX)
+    return token
 
 
 def _check_repo_id(repo: str) -> None:

@@ -8,6 +8,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import validate
+from .errors import fail
+
+DEFAULT_MAX_LENGTH = 128  # tokens per text example when nobody says (or the model's positions, if fewer)
+
 
 def max_tokens(model: nn.Module) -> int | None:
     """The longest input a text model takes, or None when it has no position limit (or is not text)."""
@@ -21,6 +26,19 @@ def max_tokens(model: nn.Module) -> int | None:
     if table is not None and table.padding_idx is not None:
         return positions - table.padding_idx - 1
     return positions
+
+
+def max_length_for(requested: int | None, *models: nn.Module) -> int:
+    """Tokens per text example: `requested`, which must fit every model's positions, or by default
+    DEFAULT_MAX_LENGTH capped at them. Checked before the work starts, not met as a size mismatch inside it."""
+    validate.check(max_length=requested)
+    limit = min(filter(None, (max_tokens(m) for m in models)), default=None)
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if limit and requested > limit:
+        raise fail("max_length", requested, f"exceeds the {limit} positions the model takes",
+                   f"use --max-length {limit} or less")
+    return requested
 
 
 def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, tokens: int = 64,

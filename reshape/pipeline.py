@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from . import validate
 from .version import __version__
 from .errors import Problem, ReshapeError, fail
 from .families import FAMILIES, ModelSpec, find_family
@@ -48,6 +50,9 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     importance and weights the aware head split by real activations (random inputs without it). With
     neither heads nor depth, the architecture's preset is used if one exists, else the paper's rule of thumb.
     """
+    validate.expect("model", model, nn.Module, "a torch nn.Module",
+                    "pass the model object; for a Hub id, alias or folder use reshape.convert(name, out)")
+    validate.check(seed=seed)
     if not any(f.claims(model) for f in FAMILIES):  # no adapter knows it: rewrite its traced graph
         if _is_transformers(model):  # torch.fx cannot trace transformers v5 models: say why none matched
             find_family(model)
@@ -74,6 +79,8 @@ def plan_for(spec: ModelSpec, heads, depth, preset=None, **options) -> Plan:
     unknown = set(options) - set(PLAN_OPTIONS)
     if unknown:
         raise TypeError(f"unknown plan options: {', '.join(sorted(unknown))} (known: {', '.join(PLAN_OPTIONS)})")
+    validate.whole_numbers(heads=heads, depth=depth, keep=options.get("keep"), mlp=options.get("mlp"),
+                           inner_heads=options.get("inner_heads"))
     family = spec.family
     shape = family.shape(spec.config)
     if heads is None and depth is None and options.get("keep") is None:
@@ -169,6 +176,10 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
     With select="importance" (the default for decoder-only language models), the kept layers are those
     with the highest Block Influence on `calib` (a data recipe, file or Hub dataset of text), or on
     random tokens without it; the aware head split is weighted by `calib` too."""
+    validate.expect("source", source, (str, os.PathLike), "a Hub id, alias, folder or timm architecture name",
+                    "pass the model's name or folder as a string; for a model object use reshape.leaner(model)")
+    validate.expect("out", out, (str, os.PathLike), "a folder path", "pass the output folder as a string or Path")
+    validate.check(seed=seed)
     source, out = str(source), Path(out)
     from .fx import convert as fx_convert, fx_source
 
@@ -194,7 +205,7 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             with step(f"Loading {source}"):
                 model = load_model(src)
             scores = None
-            batches = calibration_batches(src, calib) if calib else None
+            batches = calibration_batches(src, calib, model) if calib else None
             if importance:
                 with step(f"Scoring layers on {calib or 'random tokens'}"):
                     scores = layer_scores(model, family.layers(model), batches or random_inputs(model))
@@ -246,19 +257,22 @@ def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None
             trust_remote_code: bool = False, **options) -> dict:
     """Shapes and parameter counts of a model and, when heads/depth/options are given, of the result.
     Reads configs only: no weights are loaded for a name or folder."""
+    validate.expect("source", source, (str, os.PathLike, nn.Module), "a Hub id, alias, folder or model",
+                    "pass the model's name or folder as a string, or the model object")
     if isinstance(source, nn.Module):
         spec, preset = find_family(source).spec(source), None
-        model = source
     else:
+        source = str(source)
         preset = load_presets().get(source)
         if preset and not preset.local_folder() and not (Path(source) / "config.json").is_file():
             spec = spec_of(preset.source_config())  # the preset records its architecture: no download
         else:
             src = open_source(source, trust_remote_code)
             spec, preset = src.spec, src.preset
-        model = spec.family.build(spec, empty=True)
     family = spec.family
-    shape = family.shape(spec.config)
+    shape = family.shape(spec.config)  # first: it refuses a broken config before anything is built from it
+    # Parameters on the meta device: counting them reads no weights and allocates nothing.
+    model = source if isinstance(source, nn.Module) else family.build(spec, empty=True)
     report = {"family": family.name, "source": describe(shape, count_params(model, family))}
     asked = [heads, depth, options.get("keep"), options.get("mlp"), options.get("keep_head_dim") or None,
              options.get("inner_heads")]
@@ -278,6 +292,8 @@ def load(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """A model folder that reshape wrote, in eval mode. A torch.fx folder (no config.json) is rebuilt by
     replaying its rewrite; any other loads through its family's loader, which an XCiT converted with
     --keep-head-dim needs (the rest also load with plain transformers or timm)."""
+    validate.expect("folder", folder, (str, os.PathLike), "a folder path",
+                    "pass the folder that reshape.convert (or distill, finetune) wrote, as a string or Path")
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         from .fx import load as fx_load

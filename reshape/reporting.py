@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .conditioning import layer_conditioning, layer_heads
+from . import validate
 from .errors import Problem, ReshapeError, fail
 from .inputs import max_tokens, random_inputs
 from .output import locked, output_problems, staged
@@ -38,9 +39,7 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
             missing, given = ("task", "data") if task is None else ("data", "task")
             problems.append(Problem(missing, None, f"is needed with --{given}: quality is measured on DATA for TASK",
                                     "pass both --data and --task, or neither"))
-        if any(b < 1 for b in batch_sizes) or seq_len < 1 or repeats < 1:
-            problems.append(Problem("batch_sizes", ",".join(map(str, batch_sizes)), f"with seq_len {seq_len} and "
-                                    f"repeats {repeats}: each must be at least 1", "use e.g. --batch-sizes 1,32"))
+        problems += validate.problems(batch_sizes=tuple(batch_sizes), seq_len=seq_len, repeats=repeats)
         if problems:
             raise ReshapeError(problems)
         step = progress or (lambda text: None)
@@ -334,7 +333,7 @@ def _kappa_batches(source, model: nn.Module, data: str | None) -> list[dict]:
     if data and source.spec.family.library == "transformers" and getattr(model.config, "vocab_size", None):
         from .source import calibration_batches
 
-        return calibration_batches(source, data, rows=64, max_length=128)
+        return calibration_batches(source, data, model, rows=64)
     return random_inputs(model, batches=2, batch_size=16, tokens=128)
 
 

@@ -68,6 +68,7 @@ def open_source(name: str, trust_remote_code: bool = False) -> Source:
         hub_id = name
         folder = _download(name, name)
     spec = read_gguf_spec(folder, gguf_file) if gguf_file else read_spec(folder, trust_remote_code, name)
+    spec.family.shape(spec.config)  # refuses a broken config (0 heads, -1 layers) now, not as a crash in a loader
     preset = preset_for(name, folder)
     return Source(name, folder, spec, preset, trust_remote_code,
                   hub_id or (preset.hub_id if preset else None), gguf_file)
@@ -198,11 +199,13 @@ def save_tokenizer_files(source: Source, dest: Path) -> list[str]:
     return sorted(set(os.listdir(dest)) - before)
 
 
-def calibration_batches(source: Source, data: str, rows: int = 128, batch_size: int = 16,
-                        max_length: int = 128) -> list[dict]:
-    """Tokenised batches of the first `rows` training texts of `data`, for scoring layers."""
+def calibration_batches(source: Source, data: str, model: nn.Module, rows: int = 128,
+                        batch_size: int = 16) -> list[dict]:
+    """Tokenised batches of the first `rows` training texts of `data`, for scoring layers: as many tokens
+    as `model` takes (at most 128), so long texts cannot overrun its position table."""
     from transformers import AutoTokenizer
 
+    from .inputs import max_length_for
     from .train.data import load_data
 
     if source.spec.family.library != "transformers":
@@ -211,6 +214,7 @@ def calibration_batches(source: Source, data: str, rows: int = 128, batch_size: 
     tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
     train = load_data(data, task="embedding")["train"]
     texts = list(train.select(range(min(rows, len(train))))["text"])
+    max_length = max_length_for(None, model)
     return [dict(tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 

@@ -16,6 +16,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import validate
 from .errors import Problem, ReshapeError
 from .output import locks_out
 from .source import open_source
@@ -44,28 +45,34 @@ def grid(source_heads: int, heads: list[int], depths: list[int]) -> list[Point]:
 @locks_out  # two sweeps into one OUT would share its work folder
 def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], data: str, task: str,
           budget: int, seeds: int = 1, init: str = "transfer", distill_data: str | None = None,
-          breaks_below: float = 0.98, batch_size: int = 32, lr: float = 5e-5, max_length: int = 128,
+          breaks_below: float = 0.98, batch_size: int = 32, lr: float = 5e-5, max_length: int | None = None,
           progress=None) -> dict:
     """Run the grid into `out` (resumable) and return the aggregated results."""
     from . import convert, inspect
+    from .inputs import max_length_for
+    from .train.data import load_data
     from .train.distill import distill
     from .train.finetune import finetune
+    from .train.tasks import get_task
 
     out = Path(out)
-    problems = []
-    if budget < 1:
-        problems.append(Problem("budget", budget, "must be at least 1 optimizer step", "use e.g. --budget 200"))
-    if seeds < 1:
-        problems.append(Problem("seeds", seeds, "must be at least 1", "use e.g. --seeds 3"))
-    if not 0 < breaks_below <= 1:
-        problems.append(Problem("breaks_below", breaks_below, "must be a fraction in (0, 1]", "use e.g. 0.98"))
+    # Everything is checked before the first minute of training is spent and before OUT is made.
+    problems = validate.problems(budget=budget, seeds=seeds, breaks_below=breaks_below, batch_size=batch_size, lr=lr,
+                                 max_length=max_length)
+    problems += [Problem(field, "", "lists nothing", f"list at least one, e.g. --{field} 2")
+                 for field, values in (("heads", heads), ("depth", depths)) if not values]
     if problems:
         raise ReshapeError(problems)
     src = open_source(source)
     shape = src.spec.family.shape(src.spec.config)
     points = grid(shape.heads, heads, depths)
-    for point in points[1:]:  # every plan is checked before the first minute of training is spent
-        inspect(source, point.heads, point.depth)
+    for point in points[1:]:
+        inspect(source, point.heads, point.depth, init=init)
+    max_length_for(max_length, src.spec.family.build(src.spec, empty=True))  # every point keeps the positions
+    get_task(task)
+    load_data(data, task=task)
+    if distill_data:
+        load_data(distill_data, task="embedding")
     settings = {"source": source, "data": data, "task": task, "budget": budget, "init": init,
                 "distill_data": distill_data, "batch_size": batch_size, "lr": lr, "max_length": max_length}
     out.mkdir(parents=True, exist_ok=True)

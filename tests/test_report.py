@@ -109,7 +109,7 @@ def test_a_report_inside_the_leaner_folder_joins_its_model_card(pair, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(seq_len=64), "seq_len=64: exceeds the 16 positions the models take; use at most 16"),
     (dict(data="rotten-tomatoes"), "task=None: is needed with --data"),
-    (dict(batch_sizes=(0,)), "batch_sizes=0: with seq_len 128 and repeats 10: each must be at least 1"),
+    (dict(batch_sizes=(0,)), "batch_sizes=0: must be at least 1; use e.g. --batch-sizes 1,32"),
 ])
 def test_bad_report_input(pair, kwargs, message):
     with pytest.raises(ReshapeError, match=message.replace("(", r"\(")):

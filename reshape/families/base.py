@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import Problem
+from ..errors import Problem, fail
 from ..plan import Plan, Shape
 
 
@@ -47,6 +47,25 @@ class ModelSpec:
     family: Family
     config: Any  # a transformers PretrainedConfig, or a timm {"architecture", "model_args"} dict
     cls: type | None = None  # the transformers class to build; None for timm
+
+
+def config_count(config: Any, key: str) -> int:
+    """A head, layer or width count read from a model's config. Zero or negative means the source itself
+    is broken, which must not be blamed on the user's plan (nor crash in a division)."""
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(f"config.json {key}", value, "must be a whole number of at least 1, so the source model is broken "
+                   "(not the plan)", "fix the source's config.json or re-download the model")
+    return value
+
+
+def head_dim_of(config: Any, hidden_key: str, heads_key: str) -> int:
+    """The head dim of a config without a head_dim key: the width split evenly between the heads."""
+    hidden, heads = config_count(config, hidden_key), config_count(config, heads_key)
+    if hidden % heads:
+        raise fail(f"config.json {heads_key}", heads, f"does not divide {hidden_key} {hidden}, so the source model "
+                   "is broken (not the plan)", "fix the source's config.json or re-download the model")
+    return hidden // heads
 
 
 class Family(ABC):

@@ -15,7 +15,7 @@ from accelerate import init_empty_weights
 from transformers.initialization import no_init_weights
 
 from ..plan import Shape, target_shape
-from .base import BlockWeights, Family, ModelSpec, Proj
+from .base import BlockWeights, Family, ModelSpec, Proj, config_count, head_dim_of
 
 # Config entries that hold one value per layer and must follow the kept layers.
 PER_LAYER_KEYS = ("layer_types",)
@@ -55,15 +55,14 @@ class HFFamily(Family):
 
     def shape(self, config) -> Shape:
         k = self.keys
-        heads = getattr(config, k.heads)
-        hidden = getattr(config, k.hidden)
+        heads, hidden = config_count(config, k.heads), config_count(config, k.hidden)
         kv = getattr(config, k.kv_heads, None) if k.kv_heads else None
         head_dim = getattr(config, k.head_dim, None) if k.head_dim else None
         return Shape(
-            layers=getattr(config, k.layers),
+            layers=config_count(config, k.layers),
             heads=heads,
-            kv_heads=kv or heads,
-            head_dim=head_dim or hidden // heads,
+            kv_heads=config_count(config, k.kv_heads) if kv else heads,
+            head_dim=config_count(config, k.head_dim) if head_dim else head_dim_of(config, k.hidden, k.heads),
             hidden=hidden,
             mlp=getattr(config, k.mlp) or 4 * hidden,  # GPT-2 stores None for 4 x hidden
         )

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import Problem, fail
 from ..plan import Shape, target_shape
 from ..stages import StagedShape
-from .base import BlockWeights, Proj
+from .base import BlockWeights, Proj, config_count, head_dim_of
 from .hf import ConfigKeys, HFFamily
 
 # Attention projections by convention: (q, k, v) names, fused names, output names.
@@ -231,11 +231,12 @@ class GenericFamily(HFFamily):
 
     def shape(self, config) -> Shape:
         k = self.keys
-        heads, hidden = getattr(config, k.heads), getattr(config, k.hidden)
+        heads, hidden = config_count(config, k.heads), config_count(config, k.hidden)
         kv = getattr(config, k.kv_heads, None) if k.kv_heads else None
         head_dim = getattr(config, k.head_dim, None) if k.head_dim else None
-        return Shape(layers=getattr(config, k.layers), heads=heads, kv_heads=kv or self.found.kv_heads * heads //
-                     self.found.heads, head_dim=head_dim or hidden // heads, hidden=hidden,
+        return Shape(layers=config_count(config, k.layers), heads=heads,
+                     kv_heads=kv or self.found.kv_heads * heads // self.found.heads,
+                     head_dim=head_dim or head_dim_of(config, k.hidden, k.heads), hidden=hidden,
                      mlp=getattr(config, k.mlp, None) or self.mlp_default)
 
     def plan_problem(self, shape: Shape, plan) -> Problem | None:
@@ -417,13 +418,13 @@ class Seq2SeqFamily(GenericFamily):
         self.hidden_key = hidden_key
 
     def shape(self, config) -> StagedShape:
-        hidden = getattr(config, self.hidden_key)
+        hidden = config_count(config, self.hidden_key)
         shapes = []
         for layers_key, heads_key, mlp_key in self.stack_keys:
-            heads = getattr(config, heads_key)
-            head_dim = getattr(config, "d_kv", None) or hidden // heads
-            shapes.append(Shape(layers=getattr(config, layers_key), heads=heads, kv_heads=heads, head_dim=head_dim,
-                                hidden=hidden, mlp=getattr(config, mlp_key)))
+            heads = config_count(config, heads_key)
+            head_dim = getattr(config, "d_kv", None) or head_dim_of(config, self.hidden_key, heads_key)
+            shapes.append(Shape(layers=config_count(config, layers_key), heads=heads, kv_heads=heads,
+                                head_dim=head_dim, hidden=hidden, mlp=getattr(config, mlp_key)))
         return StagedShape(tuple(shapes))
 
     def stage_prefixes(self, model) -> list[str]:
@@ -526,8 +527,14 @@ class GenericTransformers:
         return None
 
 
+COUNT_KEYS = ("num_attention_heads", "num_hidden_layers", "hidden_size")  # standard names (attribute_map aliases)
+
+
 def _cached(config) -> GenericFamily:
     # The structure depends on the config only; a deep copy keeps the caller's config untouched.
+    for name in COUNT_KEYS:  # a broken config is the source's fault: say so before the skeleton crashes on it
+        if getattr(config, name, None) is not None:
+            config_count(config, name)
     key = config.to_json_string(use_diff=False)
     if key not in _CACHE:
         try:

@@ -21,8 +21,14 @@ from .base import BlockWeights, Family, ModelSpec, Proj
 
 @functools.lru_cache(maxsize=8)  # claims, shape and inspect all read the same config: build it once
 def _skeleton(architecture: str, model_args: str) -> nn.Module:
-    with init_empty_weights(include_buffers=False):
-        return TimmFamily._create({"architecture": architecture, "model_args": json.loads(model_args)})
+    try:
+        with init_empty_weights(include_buffers=False):
+            return TimmFamily._create({"architecture": architecture, "model_args": json.loads(model_args)})
+    except Exception as e:  # e.g. num_heads 0: a broken source config, named as such rather than a traceback
+        raise fail("config.json model_args", model_args, f"timm cannot build {architecture} from them "
+                   f"({type(e).__name__}: {(str(e).strip().splitlines() or ['no message'])[0][:120]}), so the "
+                   "source model is broken (not the plan)", "fix the source's config.json or re-download the model") \
+            from None
 
 
 class TimmFamily(Family):

@@ -77,17 +77,15 @@ def load_data(source: str, *, task: str, text_column: str | None = None, label_c
         return _recipe(source, task, columns | {"config": config, "split": split}, test_ratio, validation_ratio)
     data = _read(source, config, split)
     data, chosen = _canonical(data, task, Path(source).name, columns)
-    data = data.filter(lambda *values: [all(map(_present, row)) for row in zip(*values)], batched=True,
-                       input_columns=[c for c in TASKS[task] if c != "image"])  # checking images would decode them
-    data = DatasetDict({name: part for name, part in data.items() if len(part)})
-    if not data:
-        raise fail("data", source, "has no usable rows (each lacks text, label or image)",
-                   "check the file and the chosen columns")
+    data = _drop_missing(data, task, source, chosen)
     if task == "token-cls":
         data = _encode_tags(data, chosen["label"])
     elif "label" in TASKS[task]:
         data = _encode_labels(data, chosen["label"])
-    return _three_splits(data, test_ratio, validation_ratio, stratify="label" in TASKS[task] and task != "token-cls")
+    splits = _three_splits(data, test_ratio, validation_ratio, stratify="label" in TASKS[task] and task != "token-cls")
+    if "label" in TASKS[task]:
+        _refuse_one_class(splits["train"], chosen["label"])
+    return splits
 
 
 def _recipe(name: str, task: str, options: dict, test_ratio: float, validation_ratio: float) -> DatasetDict:
@@ -149,6 +147,9 @@ def _canonical(data: DatasetDict, task: str, name: str, wanted: dict) -> tuple[D
                        f"pass the {role} column, one of {', '.join(available)}")
         if column not in available:
             raise fail(f"{role}_column", column, f"is not a column of {name}", f"use one of {', '.join(available)}")
+        if column in rename:  # one column cannot be both the input and the label
+            raise fail(f"{role}_column", column, f"is already the {rename[column]} column",
+                       f"name another {role} column, one of {', '.join(c for c in available if c != column)}")
         feature = features[column]
         if role == "text" and not (isinstance(feature, Value) and "string" in feature.dtype):
             raise fail("text_column", column, f"is not a text column ({feature})", f"use one of {', '.join(available)}")
@@ -161,6 +162,45 @@ def _canonical(data: DatasetDict, task: str, name: str, wanted: dict) -> tuple[D
         rename[column] = role
     data = data.select_columns(list(rename))
     return data.rename_columns({c: role for c, role in rename.items() if c != role}), {r: c for c, r in rename.items()}
+
+
+def _drop_missing(data: DatasetDict, task: str, source: str, chosen: dict) -> DatasetDict:
+    """Drop the rows that lack a value the task needs, and say how many and why: rows vanishing without a
+    word hide a broken file (40 rows that silently became 13)."""
+    columns = [c for c in TASKS[task] if c != "image"]  # checking images would decode them
+    missing, total, kept = dict.fromkeys(columns, 0), 0, {}
+    for name, part in data.items():
+        present = {c: [_present(v) for v in part[c]] for c in columns}
+        rows = [i for i in range(len(part)) if all(present[c][i] for c in columns)]
+        for c in columns:
+            missing[c] += present[c].count(False)
+        total += len(part)
+        if rows:
+            kept[name] = part if len(rows) == len(part) else part.select(rows)
+    if not kept:
+        raise fail("data", source, "has no usable rows (each lacks text, label or image)",
+                   "check the file and the chosen columns")
+    dropped = total - sum(len(part) for part in kept.values())
+    if dropped:
+        why = "; ".join(f"{n} with {MISSING[c]} {chosen[c]!r}" for c, n in missing.items() if n)
+        log.warning("reshape: dropped %d of the %d rows of %s: %s", dropped, total, source, why)
+    return DatasetDict(kept)
+
+
+MISSING = {"text": "an empty or missing", "tokens": "no words in", "label": "a missing, NaN or negative (unlabelled)"}
+
+
+def _refuse_one_class(train: Dataset, column: str) -> None:
+    """A classifier trained on one class learns nothing, yet scores a perfect 1.0 on data of that class."""
+    feature = train.features["label"]
+    rows = train["label"]
+    classes = {tag for row in rows for tag in row} if isinstance(feature, List) else set(rows)
+    if len(classes) < 2:
+        names = getattr(feature, "feature", feature).names
+        found = ", ".join(repr(names[c]) for c in sorted(classes))
+        raise fail("label_column", column, f"holds a single class ({found}) in all {len(train)} training rows, so "
+                   "there is nothing to learn and every score would be a meaningless 1.0",
+                   "use data with at least two classes")
 
 
 def _present(value) -> bool:

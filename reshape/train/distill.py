@@ -18,15 +18,17 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..card import write_card
 from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
+from ..inputs import max_length_for
 from ..output import copy_extra_files, locks_out, output_problems, umask_modes
 from ..source import load_model, open_source
 from ..stages import refuse_stages
 from .data import label_names, load_data, text_lengths
-from .losses import (DistillWeights, attention_relation_loss, capture_qkv, combine, hidden_loss, layer_map, logit_kl,
-                     pooled_cosine)
+from .losses import (DistillWeights, attention_relation_loss, capture_qkv, check_hidden_kind, check_relation_heads,
+                     combine, hidden_loss, layer_map, logit_kl, pooled_cosine)
 from .loop import TrainConfig, is_main_process, train
 from .tasks import TASKS, Task, collator, get_task, score
 from .tasks import load_model as load_task_model
@@ -39,7 +41,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
             task: str | None = None, label_column: str | None = None, config: TrainConfig = TrainConfig(),
             weights: DistillWeights = DistillWeights(), temperature: float = 2.0, hidden_kind: str = "mse",
             explicit_map: list[int] | None = None, relation_heads: int | None = None,
-            text_column: str | None = None, max_length: int = 128,
+            text_column: str | None = None, max_length: int | None = None,
             resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
             log_kappa: bool = False, progress: bool = False) -> dict:
     """Distil `student` (a reshape output folder) from `teacher`; write the student to `out`.
@@ -49,9 +51,13 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     count, that divide every Q/K/V width of both models.
 
     With `task` (seq-cls or token-cls), `data` must carry labels and `teacher` must already be fine-tuned
-    on them; the best checkpoint is then the one with the best held-out task score."""
+    on them; the best checkpoint is then the one with the best held-out task score.
+
+    `max_length`: tokens per example, within both models' positions (default 128, or fewer if they take fewer)."""
     from transformers import AutoTokenizer
 
+    validate.check(temperature=temperature, relation_heads=relation_heads, max_length=max_length)
+    check_hidden_kind(hidden_kind)
     teacher, data, out, student = str(teacher), str(data), Path(out), Path(student)  # reshape.json holds text
     problems = [] if resume else output_problems(out, overwrite)
     if problems:
@@ -80,7 +86,6 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
         # float32 whatever the folders store: AdamW on half-precision weights underflows (see tasks.load_model)
         teacher_model = load_model(teacher_source).float()
         student_model = load_model(student_source).float()
-        collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
     else:
         spec = _labelled_text_task(task)
         dataset = load_data(data, task=task, text_column=text_column, label_column=label_column)
@@ -89,12 +94,21 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
         torch.manual_seed(config.seed)  # a head the teacher cannot give is drawn here, the same every run
         student_model = load_task_model(student, spec, labels)
         head = _copy_task_head(teacher_model, student_model, spec)
+    max_length = max_length_for(max_length, teacher_model, student_model)
+    if task is None:
+        collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
+    else:
         collate = collator(tokenizer, spec, max_length)
+    # Terms that can train this student: the task term needs labels, the KL a student with logits.
+    with_logits = getattr(student_model, "base_model", student_model) is not student_model
+    weights.check_trains({"hidden", "pooled", "relation"} | ({"task"} if task else set())
+                         | ({"kl"} if with_logits else set()))
     teacher_model.requires_grad_(False).eval()
     student_model.train()
 
     if weights.relation:
         relation_heads = relation_heads or _relation_heads(t_shape, s_shape)
+        check_relation_heads(relation_heads, [w for shape in (t_shape, s_shape) for w in shape.role_widths.values()])
 
     def loss_fn(model, batch):
         teacher_model.to(batch["input_ids"].device)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..card import write_card
 from ..conditioning import with_kappa
 from ..errors import ReshapeError, fail
+from ..inputs import max_length_for
 from ..source import load_model as load_source_model
 from ..source import local_model, open_source
 from ..output import locks_out, output_problems, umask_modes
@@ -24,10 +26,13 @@ from .tasks import collator, get_task, load_model, preprocessor, score
 @locks_out  # the whole run, checks to final save: a second writer to OUT is refused
 def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config: TrainConfig = TrainConfig(),
              text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
-             max_length: int = 128, lora: int | None = None, validation_ratio: float = DEFAULT_VALIDATION_RATIO,
+             max_length: int | None = None, lora: int | None = None,
+             validation_ratio: float = DEFAULT_VALIDATION_RATIO,
              resume: bool = False, overwrite: bool = False,
              keep_checkpoints: bool = False, log_kappa: bool = False, progress: bool = False) -> dict:
-    """Fine-tune `model` (a folder, preset alias or Hub id) on `data`; write the best model to `out` and return its metrics."""
+    """Fine-tune `model` (a folder, preset alias or Hub id) on `data`; write the best model to `out` and return its metrics.
+    `max_length`: tokens per example, within the model's positions (default 128, or fewer if it takes fewer)."""
+    validate.check(max_length=max_length, lora=lora)
     out = Path(out)
     if not resume:
         problems = output_problems(out, overwrite)
@@ -41,6 +46,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     processor = preprocessor(folder, spec)
     torch.manual_seed(config.seed)  # a new task head is drawn here: it must not depend on earlier work
     net = load_model(folder, spec, labels)
+    max_length = max_length_for(max_length, net)
     if lora:
         net = _with_lora(net, lora, spec)
     collate = collator(processor, spec, max_length)
@@ -71,9 +77,10 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
 
 def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None = None,
              label_column: str | None = None, image_column: str | None = None, teacher: str | None = None,
-             max_length: int = 128, seed: int = 0, split: str = "test") -> dict:
+             max_length: int | None = None, seed: int = 0, split: str = "test") -> dict:
     """Score `model` on a split of `data` (test by default): accuracy and F1, perplexity, or (task
     "embedding") the mean cosine between its mean-pooled sentence embeddings and `teacher`'s."""
+    validate.check(max_length=max_length, seed=seed)
     if split not in SPLITS:
         raise fail("split", split, "is not a split", f"use one of {', '.join(SPLITS)}")
     if task == "embedding":
@@ -86,6 +93,7 @@ def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None
     folder, gguf_file = local_model(model, gguf=True)
     torch.manual_seed(seed)  # a model without the task's head gets a fresh one: make it the same every time
     net = load_model(folder, spec, gguf_file=gguf_file)
+    max_length = max_length_for(max_length, net)
     classes = len(label_names(dataset[split])) if spec.labelled else None
     if spec.labelled and net.config.num_labels != classes:
         raise fail("task", task, f"needs {classes} labels but the model has {net.config.num_labels}",
@@ -105,6 +113,7 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, split, batc
     folder, gguf_file = local_model(model, gguf=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     student, reference = (load_source_model(open_source(str(m))) for m in (model, teacher))
+    max_length = max_length_for(max_length, student, reference)
     cosines = []
     for start in range(0, len(texts), batch_size):
         batch = dict(tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
@@ -120,6 +129,14 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, split, batc
 def _with_lora(model, rank: int, task):
     """Low-rank adapters on every linear layer of the blocks; the task head trains in full."""
     from peft import LoraConfig, get_peft_model
+
+    # A rank above a layer's smaller side adds nothing a full update lacks (and a huge one cannot be allocated).
+    full = max(min(m.weight.shape) for m in model.modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+               and not isinstance(m, torch.nn.Embedding))
+    if rank > full:
+        raise fail("lora", rank, f"exceeds {full}, the full rank of the model's widest layers",
+                   f"use at most {full}, or leave --lora out to train every weight")
 
     peft_task = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}.get(task.name)
     head = ["classifier"] if task.name == "image-cls" else None  # no peft task type trains an image head

@@ -25,7 +25,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,11 +37,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import fail
+from .. import validate
+from ..errors import Problem, ReshapeError, fail
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]  # must include "score" (higher is better)
 # Model selection reads the validation split only; the test split is scored once, on the selected model.
+
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,16 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto": bf16 on a CUDA device that supports it, else full precision
     group_by_length: bool = True  # when the caller gives lengths: batches of similar length pad less
     seed: int = 0
+
+    def __post_init__(self):
+        # Checked on creation, so the CLI and the Python API refuse the same values before any work starts.
+        numbers = {f.name: getattr(self, f.name) for f in fields(self) if f.name in validate.RANGES}
+        problems = validate.problems(**numbers)
+        if self.mixed_precision not in PRECISIONS:
+            problems.append(Problem("mixed_precision", self.mixed_precision, "is not a precision",
+                                    f"use one of {', '.join(PRECISIONS)}"))
+        if problems:
+            raise ReshapeError(problems)
 
     def fingerprint(self, extra: dict) -> str:
         """Identifies a run, so a checkpoint is only resumed by the run that wrote it."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import validate
 from ..errors import fail
 from ..plan import select_layers
 
@@ -85,8 +86,7 @@ def logit_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     the KL is averaged over examples, or over unmasked tokens.
     """
     _same_shape("logits", student_logits, teacher_logits)
-    if not temperature > 0:
-        raise fail("temperature", temperature, "must be positive", "use e.g. 2.0")
+    validate.check(temperature=temperature)
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
@@ -102,8 +102,7 @@ def hidden_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tenso
     other when `include_embeddings`. "mse" is the squared error averaged over hidden dims (TinyBERT),
     "cosine" is 1 - cos per token (DistilBERT). Averaged over the mapped layers and unmasked tokens.
     """
-    if kind not in HIDDEN_KINDS:
-        raise fail("kind", kind, "is not a hidden-state distance", f"use one of {', '.join(HIDDEN_KINDS)}")
+    check_hidden_kind(kind, "kind")
     if len(student_hidden) != len(mapping) + 1:
         raise fail("layer_map", _csv(mapping), f"maps {len(mapping)} student layers but the student has "
                    f"{len(student_hidden) - 1} (hidden_states holds the embeddings, then one entry per layer)",
@@ -115,6 +114,11 @@ def hidden_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tenso
     pairs += [(i + 1, j + 1) for i, j in enumerate(mapping)]
     per_token = torch.stack([_hidden_distance(student_hidden[s], teacher_hidden[t], kind) for s, t in pairs])
     return _masked_mean(per_token.mean(0), mask)
+
+
+def check_hidden_kind(kind: str, field: str = "hidden_kind") -> None:
+    if kind not in HIDDEN_KINDS:
+        raise fail(field, kind, "is not a hidden-state distance", f"use one of {', '.join(HIDDEN_KINDS)}")
 
 
 def _hidden_distance(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
@@ -145,12 +149,8 @@ def attention_relation_loss(student_qkv: dict[str, Tensor], teacher_qkv: dict[st
         if missing:
             raise fail(f"{who}_qkv", ",".join(sorted(qkv)), f"lacks {', '.join(missing)}",
                        "capture q, k and v with capture_qkv")
-    widths = sorted({x.shape[-1] for qkv in (student_qkv, teacher_qkv) for x in (qkv[r] for r in RELATIONS)})
-    if relation_heads < 1 or any(w % relation_heads for w in widths):
-        common = math.gcd(*widths)
-        choices = [d for d in range(1, min(common, 64) + 1) if common % d == 0]
-        raise fail("relation_heads", relation_heads, f"does not divide every Q/K/V width ({_csv(widths)})",
-                   f"use one of {', '.join(map(str, choices))}")
+    check_relation_heads(relation_heads, [x.shape[-1] for qkv in (student_qkv, teacher_qkv)
+                                          for x in (qkv[r] for r in RELATIONS)])
     for r in RELATIONS:
         s, t = student_qkv[r].shape, teacher_qkv[r].shape
         if len(s) != 3 or s[:-1] != t[:-1]:
@@ -174,6 +174,16 @@ def attention_relation_loss(student_qkv: dict[str, Tensor], teacher_qkv: dict[st
         kl = (p_teacher * (teacher - student)).sum(-1).mean(1)  # [batch, query tokens]
         per_relation.append(_masked_mean(kl, mask))
     return torch.stack(per_relation).mean()
+
+
+def check_relation_heads(relation_heads: int, widths: Sequence[int]) -> None:
+    """Each Q/K/V width must split into `relation_heads` equal chunks."""
+    widths = sorted(set(widths))
+    if relation_heads < 1 or any(w % relation_heads for w in widths):
+        common = math.gcd(*widths)
+        choices = [d for d in range(1, min(common, 64) + 1) if common % d == 0]
+        raise fail("relation_heads", relation_heads, f"does not divide every Q/K/V width ({_csv(widths)})",
+                   f"use one of {', '.join(map(str, choices))}")
 
 
 def _relation_log_probs(x: Tensor, heads: int, key_mask: Tensor | None) -> Tensor:
@@ -258,6 +268,15 @@ class DistillWeights:
             value = getattr(self, f.name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise fail(f"weights.{f.name}", value, "must be a finite number >= 0", "use 0 to turn the term off")
+        self.check_trains({f.name for f in fields(self)})
+
+    def check_trains(self, applicable: set[str]) -> None:
+        """Refuse weights under which nothing trains: every term that applies has weight 0 (the task term
+        applies only to labelled data, the KL only to a student with logits)."""
+        if not any(getattr(self, name) for name in applicable):
+            given = ",".join(f"{f.name}={getattr(self, f.name):g}" for f in fields(self))
+            raise fail("weights", given, f"every loss term that applies ({', '.join(sorted(applicable))}) has weight "
+                       "0, so nothing would train", f"give one of them a positive weight, e.g. --{min(applicable)} 1")
 
 
 def combine(terms: dict[str, Tensor], weights: DistillWeights = DistillWeights()) -> tuple[Tensor, dict[str, float]]:

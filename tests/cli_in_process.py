@@ -1,0 +1,80 @@
+"""The `reshape` command run in this process, and tiny offline models and data to run it on.
+
+Shared by tests/test_validation.py and tests/test_fuzz_cli.py: a subprocess pays 5-10 s of imports per
+run, which a fuzzer drawing dozens of command lines cannot afford.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers as tf
+from typer.testing import CliRunner
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
+POSITIONS = 16  # the tiny models' max_position_embeddings: a --max-length above it is refused
+
+
+@dataclass
+class Run:
+    code: int
+    output: str  # stdout and stderr
+    exception: BaseException | None  # what escaped the command (SystemExit for a normal exit)
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith("error: ")]
+
+
+def invoke(*args) -> Run:
+    """`reshape ARGS` as the console script runs it, with the state one process would start with."""
+    from accelerate.state import AcceleratorState
+
+    from reshape.cli import app
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process sets its precision once; a run here may differ
+    root, verbosity = logging.getLogger(), tf.logging.get_verbosity()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()  # the CLI's basicConfig must bind to this run's stderr, not to an earlier, closed one
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "1000", "NO_COLOR": "1"})
+    finally:  # and what it set (--quiet silences warnings) must not leak into later tests
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        tf.logging.set_verbosity(verbosity)
+    return Run(result.exit_code, result.output, result.exception)
+
+
+def tiny_project(root: Path) -> dict[str, Path]:
+    """A tiny BERT teacher with a WordPiece tokenizer, a student converted from it (4 heads, 2 layers), a
+    two-class CSV (twice: with its own column names and with guessable ones), a one-class CSV, a text file
+    and one of lines longer than the models' positions, all under `root`."""
+    import reshape
+
+    tf.logging.set_verbosity_error()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "the", "film", "was", "very"]
+    tokenizer = tf.BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    torch.manual_seed(0)
+    teacher = tf.BertForMaskedLM(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3,
+                                               num_attention_heads=2, intermediate_size=64,
+                                               max_position_embeddings=POSITIONS))
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    reshape.convert(str(root / "teacher"), root / "student", heads=4, depth=2)
+    rows = [f"the film was very {WORDS[i % 6]},{int(i % 6 < 3)}" for i in range(40)]
+    (root / "reviews.csv").write_text("review,positive\n" + "\n".join(rows) + "\n")
+    (root / "one-class.csv").write_text("review,positive\n" + "\n".join(f"the film was {w},1" for w in WORDS * 4)
+                                        + "\n")
+    (root / "text.txt").write_text("\n".join(r.split(",")[0] for r in rows) + "\n")
+    (root / "labelled.csv").write_text("text,label\n" + "\n".join(rows) + "\n")  # columns found without options
+    (root / "long.txt").write_text("\n".join(" ".join(WORDS * 5) for _ in range(20)) + "\n")  # above the positions
+    return {name: root / name for name in ("teacher", "student", "reviews.csv", "one-class.csv", "text.txt",
+                                           "labelled.csv", "long.txt")}
+
+
+def left_behind(out: Path) -> list[str]:
+    """OUT and anything beside it: a refused run must leave its parent folder as it found it (empty)."""
+    return sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
