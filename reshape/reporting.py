@@ -100,16 +100,20 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
 
 
 def components(model: nn.Module, family) -> dict[str, int]:
-    """Parameters: total, embeddings, the blocks' attention and MLP projections, the blocks' norms, and
-    the rest (task head, pooler, final norm). Tied weights count once, in the embeddings."""
+    """Parameters: total, embeddings, the blocks' attention (projections and per-head tensors) and MLP, the
+    rest of the blocks (norms, layer scales, Twins' sub-sampling convolutions), and the rest of the model
+    (task head, pooler, final norm). Tied weights count once, in the embeddings."""
     counts = count_params(model, family)
     attention = mlp = blocks = 0
     for block in family.layers(model):
         blocks += sum(p.numel() for p in block.parameters())
-        weights = family.weights
+        weights = family.block_weights(block)
         attention += sum(_size(block, p.name) for p in (*weights.attn_in, weights.attn_out))
+        # per-head parameters inside the block (ConViT's gating, Swin's bias tables) belong to attention too
+        own = dict(block.named_parameters())
+        attention += sum(own[name].numel() for name in weights.per_head if name in own)
         mlp += sum(_size(block, p.name) for p in (*weights.mlp_in, weights.mlp_out))
-    return {**counts, "attention": attention, "mlp": mlp, "block_norms": blocks - attention - mlp,
+    return {**counts, "attention": attention, "mlp": mlp, "block_other": blocks - attention - mlp,
             "head_and_other": counts["total"] - counts["embeddings"] - blocks}
 
 

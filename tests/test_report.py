@@ -45,9 +45,30 @@ def test_parameters_by_component_match_the_analytic_count():
         "non_embedding": L * (4 * (D * D + D) + 2 * D * F + F + D + 4 * D) + D * D + D,
         "attention": L * 4 * (D * D + D),
         "mlp": L * (2 * D * F + F + D),
-        "block_norms": L * 4 * D,
+        "block_other": L * 4 * D,
         "head_and_other": D * D + D,  # the pooler
     }
+
+
+@pytest.mark.parametrize("name", ["convit_tiny", "twins_svt_small"])
+def test_blocks_of_two_kinds_are_counted_by_their_own_weight_maps(name):
+    """ConViT's GPSA and MHSA blocks, Twins' local and global ones: each kind names other projections."""
+    import timm
+
+    from reshape.families import find_family
+
+    model = timm.create_model(name, pretrained=False)
+    counts = components(model, find_family(model))
+    blocks = [dict(block.named_parameters()) for block in find_family(model).layers(model)]
+
+    def total(prefixes):
+        return sum(p.numel() for own in blocks for n, p in own.items() if n.startswith(prefixes))
+
+    attention = ("attn.q.", "attn.kv.", "attn.qkv.", "attn.qk.", "attn.v.", "attn.proj.", "attn.pos_proj.",
+                 "attn.gating_param")
+    assert counts["attention"] == total(attention)
+    assert counts["mlp"] == total(("mlp.",))
+    assert counts["block_other"] == total(("norm1.", "norm2.", "attn.sr.", "attn.norm."))
 
 
 def test_flops_grow_by_the_same_amount_per_layer():

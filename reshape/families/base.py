@@ -146,5 +146,10 @@ class Family(ABC):
         (e.g. CaiT's talking-heads mixers, whose columns and scales follow the new heads)."""
         return state
 
+    def block_weights(self, block: nn.Module) -> BlockWeights:
+        """The weight map of this one block. Families whose blocks come in two kinds (Twins' local and
+        global attention, ConViT's GPSA and MHSA) map the projections of each kind, for the report's count."""
+        return self.weights
+
     def finalize(self, model: nn.Module) -> None:
         """Restore what assigning a state dict undoes (e.g. tied weights)."""

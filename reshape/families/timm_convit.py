@@ -24,7 +24,7 @@ the rest use MHSA (`attn.qkv`, `attn.proj`). The class token is inserted just be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import Problem
 from ..plan import Shape, target_shape
@@ -61,6 +61,13 @@ class TimmConViT(TimmFamily):
     # ConViT's attention width is always its model width (embed_dim arg x num_heads).
     can_widen_attention = False
     can_split_aware = False
+
+    def block_weights(self, block):
+        if block.use_gpsa:  # GPSA: q and k fused, v apart (its positional projection is per head)
+            attn_in = (Proj("attn.qk", ("q", "k")), Proj("attn.v", ("v",)))
+        else:
+            attn_in = (Proj("attn.qkv", ("q", "k", "v")),)
+        return replace(self.weights, attn_in=attn_in)
 
     def shape(self, config) -> Shape:
         model = self._skeleton(config)

@@ -62,6 +62,13 @@ class TimmTwins(TimmStagedFamily):
     def layers(self, model):
         return nn.ModuleList([block for stage in model.blocks for block in stage])
 
+    def block_weights(self, block):
+        from timm.models.twins import LocallyGroupedAttn
+
+        if isinstance(block.attn, LocallyGroupedAttn):  # one fused qkv instead of q and kv
+            return replace(self.weights, attn_in=(Proj("attn.qkv", ("q", "k", "v")),))
+        return self.weights
+
     def stage_prefixes(self, model) -> list[str]:
         return [f"blocks.{k}." for k in range(len(model.blocks))]
 
