@@ -16,22 +16,21 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import validate
-from .version import __version__
+from .card import write_card
 from .errors import Problem, ReshapeError, fail
 from .families import FAMILIES, ModelSpec, find_family
 from .headsplit import attention_input_covariances
 from .importance import layer_scores, most_important
 from .inputs import random_inputs
-from .card import write_card
 from .output import locked, output_problems, space_problems, staged, weight_bytes
-from .plan import Plan, legal_heads
+from .plan import Plan, legal_heads, parent_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
 from .streaming import Conversion, can_stream
 from .summary import count_params, describe
-from .plan import parent_heads
 from .transfer import load_into, transfer_stages, transfer_state
+from .version import __version__
 
 log = logging.getLogger("reshape")
 
@@ -239,6 +238,8 @@ def _convert_streaming(src: Source, plan: Plan, out: Path, overwrite: bool, prog
         with step(f"Reading the weight headers of {src.name}"):
             conversion = Conversion(src, plan)
         recipe = make_recipe(src, plan, conversion.source, conversion.new)
+        if problems := space_problems(out, conversion.nbytes):
+            raise ReshapeError(problems)
         with step(f"Streaming to {out}: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"), \
                 staged(out, overwrite) as tmp:
             conversion.write(tmp)

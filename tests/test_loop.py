@@ -259,6 +259,23 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_save_every_is_refused_below_one(tiny_task, tmp_path):
+    from typer.testing import CliRunner
+
+    from reshape.cli import app
+
+    with pytest.raises(ReshapeError, match=r"^save_every=0: must be at least 1; "):
+        TrainConfig(save_every=0)
+    folder, data = tiny_task
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["finetune", str(folder), "--task", "seq-cls", "--data", str(data),
+                                    "--label-column", "positive", "-o", str(out), "--steps", "4", "--save-every", "0"])
+    assert done.exit_code == 2, done.output
+    assert [line for line in done.stderr.splitlines() if line.startswith("error: ")] == [
+        line for line in done.stderr.splitlines() if line.strip()]
+    assert done.stderr.startswith("error: save_every=0: must be at least 1; ") and not out.exists()
+
+
 # --- a real process, killed -----------------------------------------------------------------------
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
