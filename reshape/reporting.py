@@ -9,6 +9,7 @@ inputs, and task quality through `reshape eval` when data is given.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -33,6 +34,9 @@ def report(base: str | Path, leaner: str | Path, *, data: str | None = None, tas
            out: str | Path | None = None, overwrite: bool = False, progress=None) -> dict:
     """Measure BASE and LEANER (folders, aliases or Hub ids) side by side; write report.json,
     report.md and plots to `out` when given."""
+    for field, value in (("base", base), ("leaner", leaner)):
+        validate.expect(field, value, (str, os.PathLike), "a folder, alias or Hub id",
+                        "save the model with save_pretrained and pass its folder")
     with locked(Path(out)) if out else nullcontext():  # from the first check to the final rename
         problems = output_problems(Path(out), overwrite) if out else []
         if (data is None) != (task is None):

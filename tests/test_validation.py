@@ -312,6 +312,9 @@ def test_too_few_rows_of_a_class_for_the_split_is_refused_by_the_cli(tiny, tmp_p
     (lambda: reshape.load(42), "folder=42: is of type int, not a folder path"),
     (lambda: reshape.load(None), "folder=<NoneType>: is of type NoneType, not a folder path"),
     (lambda: reshape.inspect(3.5), "source=3.5: is of type float, not a Hub id, alias, folder or model"),
+    # a model object, whose repr would fill the screen: report measures saved folders
+    (lambda: reshape.report(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), "leaner"),
+     "base=<Sequential>: is of type Sequential, not a folder, alias or Hub id; save the model"),
 ])
 def test_a_wrong_type_is_a_one_line_error(call, start):
     assert message(call).startswith(start)  # was: AttributeError or TypeError from deep inside
