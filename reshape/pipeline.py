@@ -27,7 +27,7 @@ from .plan import Plan, legal_heads, parent_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
-from .streaming import Conversion, can_stream
+from .streaming import Conversion, can_stream, layer_plan, layers_prefix
 from .summary import count_params, describe
 from .transfer import load_into, transfer_stages, transfer_state
 from .version import __version__
@@ -151,10 +151,8 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
         if isinstance(plan, StagedPlan):
             state = transfer_stages(model.state_dict(), family.stage_prefixes(model), family.weights, shape, plan)
         else:
-            # A shared block is transferred once, whatever the depth (its repeat count, set by the config).
-            layer_plan = replace(plan, keep=(0,)) if family.shared_layers else plan
-            state = transfer_state(model.state_dict(), _layers_prefix(model, family), family.weights, shape,
-                                   layer_plan, input_covs)
+            state = transfer_state(model.state_dict(), layers_prefix(model, family), family.weights, shape,
+                                   layer_plan(family, plan), input_covs)
             if plan.heads != shape.heads:
                 parents = torch.tensor(parent_heads(shape, plan))
                 for key, axis in family.outside_per_head(model).items():
@@ -330,14 +328,6 @@ def _input_covariances(model: nn.Module, spec: ModelSpec, plan: Plan, batches=No
     family = spec.family
     batches = random_inputs(model) if batches is None else batches
     return attention_input_covariances(model, family.layers(model), family.weights, plan.keep, batches)
-
-
-def _layers_prefix(model: nn.Module, family) -> str:
-    layers = family.layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return f"{name}." if name else ""
-    raise AssertionError(f"{family.name}: block stack not found in {type(model).__name__}")
 
 
 @contextmanager

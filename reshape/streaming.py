@@ -71,7 +71,7 @@ def can_stream(src: Source, plan: Plan, *, importance: bool, calib: str | None) 
     if set(checkpoint.shapes) != set(saved_state(source)):
         return False  # legacy or prefixed names, missing or extra weights: from_pretrained fixes them up
     new = skeleton(ModelSpec(family, family.new_config(config, family.shape(config), plan), src.spec.cls), dtype)
-    produced = set(_sources(checkpoint, layers_prefix(source, family), _layer_plan(family, plan).keep,
+    produced = set(_sources(checkpoint, layers_prefix(source, family), layer_plan(family, plan).keep,
                             saved_state(new)))
     return produced == set(saved_state(new))  # every output tensor comes from one source tensor or block
 
@@ -92,7 +92,7 @@ class Conversion:
         self.checkpoint.check(self.expected)  # wrong shape or dtype: refused before anything is written
         self.outputs = saved_state(self.new)
         self.prefix = layers_prefix(self.source, family)
-        self.keep = _layer_plan(family, plan).keep
+        self.keep = layer_plan(family, plan).keep
         self.sources = _sources(self.checkpoint, self.prefix, self.keep, self.outputs)
         self.outside = family.outside_per_head(self.source) if plan.heads != self.shape.heads else {}
         self.nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
@@ -266,8 +266,9 @@ def layers_prefix(model: nn.Module, family) -> str:
     return next(f"{name}." if name else "" for name, module in model.named_modules() if module is layers)
 
 
-def _layer_plan(family, plan: Plan) -> Plan:
-    # As pipeline.rebuild: a shared block (ALBERT) is transferred once, whatever the depth.
+def layer_plan(family, plan: Plan) -> Plan:
+    """The plan the block transfer follows: a shared block (ALBERT) is transferred once, whatever the
+    depth (its repeat count, set by the config)."""
     return replace(plan, keep=(0,)) if family.shared_layers else plan
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
+from reshape.streaming import layers_prefix
 
 
 def family_of(model):
@@ -49,7 +50,7 @@ def test_keep_width_copies_kept_layers_bit_for_bit(case):
         for key in old:
             assert torch.equal(old[key], now[key]), key
     # Everything outside the block stack (embeddings, final norm, task head) is kept as well.
-    prefix = reshape.pipeline._layers_prefix(new, family_of(new))
+    prefix = layers_prefix(new, family_of(new))
     outside = {k: v for k, v in new.state_dict().items() if not k.startswith(prefix)}
     source = model.state_dict()
     assert outside and all(torch.equal(v, source[k]) for k, v in outside.items())
