@@ -115,7 +115,7 @@ def render(results: dict) -> None:
     teacher = results["teacher"]["before"]
     table = Table(title=f"SmolLM2-135M at equal parameters: perplexity, distillation {results['settings']}")
     for column in ("model", "parameters", "Hamlet, before", "Hamlet, distilled", "speeches, before",
-                   "speeches, distilled", "best / teacher (Hamlet, speeches)"):
+                   "speeches, distilled", "distilled / teacher (Hamlet, speeches)"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, row in results.items():
         if name == "settings":
