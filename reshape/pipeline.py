@@ -27,7 +27,7 @@ from .plan import Plan, legal_heads, parent_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
-from .streaming import Conversion, can_stream, layer_plan, layers_prefix
+from .streaming import Conversion, layer_plan, layers_prefix, streaming_conversion
 from .summary import count_params, describe
 from .transfer import load_into, transfer_stages, transfer_state
 from .version import __version__
@@ -195,8 +195,8 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             raise ReshapeError(writing)
         importance = by_importance(src.spec, options)
         # Streaming: no model in memory, the same folder (reshape/streaming.py says when it applies).
-        if can_stream(src, plan, importance=importance, calib=calib):
-            return _convert_streaming(src, plan, out, overwrite, progress)
+        if conversion := streaming_conversion(src, plan, importance=importance, calib=calib):
+            return _convert_streaming(src, conversion, out, overwrite, progress)
         family = src.spec.family
         with _steps(progress) as step:
             with step(f"Loading {source}"):
@@ -229,12 +229,11 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
         return recipe
 
 
-def _convert_streaming(src: Source, plan: Plan, out: Path, overwrite: bool, progress: bool) -> dict:
+def _convert_streaming(src: Source, conversion: Conversion, out: Path, overwrite: bool, progress: bool) -> dict:
     """`convert` for a plan that needs no activations: tensors read one block at a time and written to
     output shards as they fill (reshape/streaming.py); the folder is the in-memory path's."""
+    plan = conversion.plan
     with _steps(progress) as step:
-        with step(f"Reading the weight headers of {src.name}"):
-            conversion = Conversion(src, plan)
         recipe = make_recipe(src, plan, conversion.source, conversion.new)
         if problems := space_problems(out, conversion.nbytes):
             raise ReshapeError(problems)

@@ -41,53 +41,58 @@ FIX = "re-download or re-save the model"
 
 
 def can_stream(src: Source, plan: Plan, *, importance: bool, calib: str | None) -> bool:
-    """Whether `convert` streams this run (else it loads the model in memory, as `leaner` does). Each
-    exclusion says why; the last ones read the safetensors headers and a skeleton of the model on the
-    meta device, so a source whose files are unusable raises the same one-line error either path gives."""
+    """Whether `convert` streams this run (else it loads the model in memory, as `leaner` does)."""
+    return streaming_conversion(src, plan, importance=importance, calib=calib) is not None
+
+
+def streaming_conversion(src: Source, plan: Plan, *, importance: bool, calib: str | None) -> "Conversion | None":
+    """The planned streaming conversion of this run, or None when it must run in memory. Each exclusion
+    says why; the last ones read the safetensors headers and a skeleton of the model on the meta device
+    (kept for the conversion, so they are built once), so a source whose files are unusable raises the
+    same one-line error either path gives."""
     family, config = src.spec.family, src.spec.config
     if src.folder is None or src.gguf_file:
-        return False  # a timm name has no weights; GGUF tensors are quantised and dequantised on load
+        return None  # a timm name has no weights; GGUF tensors are quantised and dequantised on load
     if family.library != "transformers":
-        return False  # timm folders load and save through timm's own code (not streamed yet)
+        return None  # timm folders load and save through timm's own code (not streamed yet)
     if isinstance(plan, StagedPlan):
-        return False  # hierarchical and encoder-decoder models: several stacks, transfer_stages
+        return None  # hierarchical and encoder-decoder models: several stacks, transfer_stages
     if plan.init != "transfer" or importance or plan.head_split == "aware" or calib:
         # a fresh model is initialised in memory; Block Influence and the aware split need activations
         # of the whole model (and --calib is read only by those two)
-        return False
+        return None
     if getattr(config, "auto_map", None) or getattr(config, "quantization_config", None) is not None:
-        return False  # remote code and quantised weights: their own loading code may rewrite any tensor
+        return None  # remote code and quantised weights: their own loading code may rewrite any tensor
     if not (_inherits(family, "save", HFFamily) and _inherits(family, "adjust_state", Family)):
-        return False  # a family that saves its own way, or rewrites the whole state after the transfer
+        return None  # a family that saves its own way, or rewrites the whole state after the transfer
     checkpoint = Checkpoint(src.folder, src.name)
     dtype = load_dtype(config, checkpoint)
     if dtype is None:
-        return False  # mixed dtypes and none in config.json: from_pretrained's pick is the first tensor's
+        return None  # mixed dtypes and none in config.json: from_pretrained's pick is the first tensor's
     source = skeleton(src.spec, dtype)
     if _converts_weights(source) or _keeps_fp32(source, dtype):
         # transformers renames or fuses this class's weights on load and back on save (MoE experts,
         # legacy names), or loads some modules in float32: the checkpoint is not the state dict
-        return False
+        return None
     if set(checkpoint.shapes) != set(saved_state(source)):
-        return False  # legacy or prefixed names, missing or extra weights: from_pretrained fixes them up
+        return None  # legacy or prefixed names, missing or extra weights: from_pretrained fixes them up
     new = skeleton(ModelSpec(family, family.new_config(config, family.shape(config), plan), src.spec.cls), dtype)
     produced = set(_sources(checkpoint, layers_prefix(source, family), layer_plan(family, plan).keep,
                             saved_state(new)))
-    return produced == set(saved_state(new))  # every output tensor comes from one source tensor or block
+    if produced != set(saved_state(new)):
+        return None  # some output tensor comes from no single source tensor or block
+    return Conversion(src, plan, checkpoint, dtype, source, new)
 
 
 class Conversion:
     """A planned streaming conversion: what will be written, checked against the source's headers
     before anything is written. `source` and `new` are the models on the meta device (for the recipe)."""
 
-    def __init__(self, src: Source, plan: Plan):
-        family, config = src.spec.family, src.spec.config
-        self.family, self.plan, self.shape = family, plan, family.shape(config)
-        self.checkpoint = Checkpoint(src.folder, src.name)
-        self.dtype = load_dtype(config, self.checkpoint)
-        self.source = skeleton(src.spec, self.dtype)
-        new_config = family.new_config(config, self.shape, plan)
-        self.new = skeleton(ModelSpec(family, new_config, src.spec.cls), self.dtype)
+    def __init__(self, src: Source, plan: Plan, checkpoint: "Checkpoint", dtype: torch.dtype, source: nn.Module,
+                 new: nn.Module):
+        family = src.spec.family
+        self.family, self.plan, self.shape = family, plan, family.shape(src.spec.config)
+        self.checkpoint, self.dtype, self.source, self.new = checkpoint, dtype, source, new
         self.expected = saved_state(self.source)
         self.checkpoint.check(self.expected)  # wrong shape or dtype: refused before anything is written
         self.outputs = saved_state(self.new)

@@ -58,7 +58,7 @@ def source(tmp_path: Path, model_type: str, head=None, dtype=torch.float32, shar
 
 def in_memory(monkeypatch, *args, **kwargs) -> dict:
     with monkeypatch.context() as m:
-        m.setattr(reshape.pipeline, "can_stream", lambda *a, **k: False)
+        m.setattr(reshape.pipeline, "streaming_conversion", lambda *a, **k: None)
         return reshape.convert(*args, **kwargs)
 
 
