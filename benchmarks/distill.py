@@ -73,7 +73,7 @@ def run_both(teacher_dir: str, student: Path, out: Path, steps: int, warmup: int
         def wrapped(rows):
             start = time.perf_counter()
             batch = collate(rows)
-            if len(bare_s) < total:  # later calls: the loader's look-ahead and the final evaluation
+            if len(bare_s) < total:  # later calls: the final evaluation
                 collate_s.append(time.perf_counter() - start)
                 lengths.append(batch["input_ids"].shape[1])
                 bare_s.append(bare.step({k: v for k, v in batch.items() if k != "labels"}))

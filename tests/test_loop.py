@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from reshape.errors import ReshapeError
-from reshape.train.loop import Interrupted, LengthGroupedSampler, TrainConfig, train
+from reshape.train.loop import EpochSeededLengthGroupedSampler, Interrupted, TrainConfig, train
 
 X = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
 Y = (X.sum(1) > 0).long()
@@ -110,21 +110,45 @@ def test_evaluation_best_checkpoint_and_metrics_log(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "last"]
 
 
-def test_length_grouped_batches_are_a_seeded_shuffle_of_similar_lengths():
+def test_length_grouped_batches_are_transformers_order_drawn_from_seed_and_epoch():
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
     lengths = [int(v) for v in torch.randint(1, 1000, (1000,), generator=torch.Generator().manual_seed(0))]
-    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=0, group=10)
+    sampler = EpochSeededLengthGroupedSampler(lengths, batch_size=16, seed=0)
     first = list(sampler)
-    assert sorted(first) == list(range(1000)) and first == list(sampler)
+    assert first == get_length_grouped_indices(lengths, 16, generator=torch.Generator().manual_seed(0))
+    assert sorted(first) == list(range(1000))
+    assert first == list(sampler) == list(EpochSeededLengthGroupedSampler(lengths, 16, seed=0))  # as after a resume
+    assert list(EpochSeededLengthGroupedSampler(lengths, 16, seed=1)) != first
     sampler.set_epoch(1)
+    assert list(sampler) == get_length_grouped_indices(lengths, 16, generator=torch.Generator().manual_seed(1))
     assert list(sampler) != first
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in _batches(first, 16)]
     random_spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in _batches(list(range(1000)), 16)]
     assert sum(spread) * 5 < sum(random_spread)  # batches pad far less than random ones
-    assert len(_batches(first, 16)[-1]) == 1000 % 16 and first[-8:] == sorted(first[-8:], key=lambda i: -lengths[i])
+    assert lengths[first[0]] == max(lengths)  # the longest batch comes first: out of memory at once, if at all
 
 
 def _batches(order, size):
     return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_learning_rate_warms_up_from_zero_then_decays_linearly_to_the_last_step(tmp_path, grad_accum):
+    # transformers' get_linear_schedule_with_warmup: 20 steps, 5 of warm-up; the rate each optimizer step used
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    used = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        train(model(), loss_fn, DATA, collate, tmp_path, TrainConfig(max_steps=20, batch_size=4, lr=1e-2,
+              warmup_ratio=0.25, grad_accum=grad_accum), progress=False)
+    finally:
+        hook.remove()
+    assert len(used) == 20  # one scheduler step per optimizer step, not per accumulated batch
+    assert used[0] == 0.0 and used[1] == pytest.approx(2e-3) and used[5] == pytest.approx(1e-2)  # peak at step 5
+    assert used == pytest.approx([1e-2 * s / 5 for s in range(5)] + [1e-2 * (20 - s) / 15 for s in range(5, 20)])
+    assert used[-1] == pytest.approx(1e-2 / 15)  # the rate reaches 0 after the last step, not at it
 
 
 def test_min_steps_gives_small_data_whole_extra_epochs(tmp_path):
@@ -356,3 +380,72 @@ def test_kill_9_at_a_random_step_then_resume_finishes_with_the_uninterrupted_wei
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after a kill at step ~{target}"
+
+
+# --- masked-LM batches: transformers' collator, on the RNG the loop seeds and saves ----------------
+
+def test_masked_lm_batches_mask_15_percent_of_real_tokens_80_10_10():
+    import transformers as tf
+
+    from reshape.train.tasks import TASKS, collator
+
+    words = [f"w{i}" for i in range(2000)]  # a large vocabulary: a random replacement is rarely the original
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = tf.BertTokenizerFast(vocab={w: i for i, w in enumerate(specials + words)})
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(words[int(j)] for j in torch.randint(0, 2000, (int(n),), generator=g))}
+            for n in torch.randint(1, 40, (2000,), generator=g)]  # ragged: padding, and some truncation
+    collate = collator(tokenizer, TASKS["masked-lm"], 32)
+    torch.manual_seed(0)
+    batch = collate(rows)
+    torch.manual_seed(0)
+    again = collate(rows)
+    assert batch.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in batch.items())
+    assert not torch.equal(batch["input_ids"], collate(rows)["input_ids"])  # the global RNG decides
+
+    plain = tokenizer([r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    ids, labels, original = batch["input_ids"], batch["labels"], plain["input_ids"]
+    assert torch.equal(batch["attention_mask"], plain["attention_mask"])
+    masked = labels != -100
+    real = plain["attention_mask"].bool() & (original != 2) & (original != 3)  # neither [CLS], [SEP] nor padding
+    assert not (masked & ~real).any() and torch.equal(ids[~masked], original[~masked])  # the rest untouched
+    assert torch.equal(labels[masked], original[masked])  # the loss scores the original tokens
+    assert masked.sum() / real.sum() == pytest.approx(0.15, abs=0.01)  # ~37,600 real tokens: 0.0018 a sigma
+    became = ids[masked]  # ~5,600 masked: 0.005 a sigma at 0.8
+    assert (became == 4).float().mean() == pytest.approx(0.8, abs=0.03)  # [MASK]
+    assert (became == labels[masked]).float().mean() == pytest.approx(0.1, abs=0.03)  # kept
+    assert ((became != 4) & (became != labels[masked])).float().mean() == pytest.approx(0.1, abs=0.03)  # random
+
+
+def test_masked_lm_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_task, tmp_path):
+    import transformers as tf
+
+    from reshape.train.tasks import TASKS, collator
+
+    folder, _ = tiny_task
+    collate = collator(tf.AutoTokenizer.from_pretrained(folder), TASKS["masked-lm"], 16)
+    rows = [{"text": f"the film was very {w}"} for w in WORDS * 5]
+
+    def mlm_loss(m, batch):
+        return m(**batch).loss, {}
+
+    def bert():
+        return tf.BertForMaskedLM.from_pretrained(folder)
+
+    config = TrainConfig(max_steps=9, batch_size=6, lr=1e-2, save_every=2)
+    straight = bert()
+    train(straight, mlm_loss, rows, collate, tmp_path / "a", config, progress=False)
+    calls = []
+
+    def interrupted(m, batch):
+        calls.append(1)
+        if len(calls) == 8:
+            raise Interrupt
+        return mlm_loss(m, batch)
+
+    with pytest.raises(Interrupt):
+        train(bert(), interrupted, rows, collate, tmp_path / "b", config, progress=False)
+    resumed = bert()  # from step 6: the masks of steps 7 to 9 come from the restored RNG state
+    assert train(resumed, mlm_loss, rows, collate, tmp_path / "b", config, resume=True, progress=False)["steps"] == 9
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

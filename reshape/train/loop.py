@@ -31,11 +31,13 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from transformers import get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .. import validate
 from ..errors import Problem, ReshapeError, fail
@@ -118,12 +120,14 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     # A generator of its own: starting an epoch's iterator must not draw from the global RNG that
     # dropout uses, or a resumed run (which starts its epoch at a different moment) would drift.
     generator = torch.Generator().manual_seed(config.seed)
+    # The loader yields rows, collated at the step: accelerate's loader reads one batch ahead, so a collate
+    # that draws from the global RNG (masked-LM masking) would draw at another moment in a resumed run.
     if lengths is not None and config.group_by_length:
-        sampler = LengthGroupedSampler(lengths, config.batch_size, config.seed)
-        loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
+        sampler = EpochSeededLengthGroupedSampler(lengths, config.batch_size, config.seed)
+        loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler, collate_fn=list,
                             generator=generator)
     else:
-        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=list,
                             generator=generator)
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -132,9 +136,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     eval_every = config.eval_every or (max(10, total // 20) if config.patience and eval_fn else None)
     planned = total
     optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
-    warmup = int(config.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (total - s) / max(1, total - warmup)))
+    # Linear warm-up from 0 (the first step's rate is 0; Adam's moments still start there), then linear decay.
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     fingerprint = config.fingerprint(run or {})
@@ -192,7 +195,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
             done_in_epoch = (state["step"] - epoch * steps_per_epoch) * config.grad_accum
             batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
             busy, samples, running = 0.0, 0, []  # training time only: evaluation and saving excluded
-            for batch in batches:
+            for rows in batches:
+                batch = send_to_device(collate(rows), accelerator.device)
                 started = time.perf_counter()
                 with accelerator.accumulate(model):
                     loss, parts = loss_fn(model, batch)
@@ -262,33 +266,21 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """A random order in which each run of `batch_size * group` indices is sorted by length, and the
-    resulting batches are shuffled: batches pad little, yet their order stays random. The order
-    depends on (seed, epoch) only, which exact resume relies on."""
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order (shuffled, then sorted longest first within runs of up to 50
+    batches, the longest batch first), drawn from (seed, epoch) alone: exact resume replays the interrupted
+    epoch's order, and the library's sampler, which keeps drawing from one generator, has no set_epoch."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 50):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
-        self.epoch = 0
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int) -> None:  # the DataLoader accelerate prepares calls it every epoch
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        chunk = self.batch_size * self.group
-        order = [i for start in range(0, len(order), chunk)
-                 for i in sorted(order[start:start + chunk], key=lambda i: -self.lengths[i])]
-        full = len(order) // self.batch_size
-        batches = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(full)]
-        shuffled = [batches[b] for b in torch.randperm(full, generator=generator).tolist()]
-        # The one short batch stays last: the DataLoader cuts batches from this order consecutively.
-        yield from (i for batch in shuffled for i in batch)
-        yield from order[full * self.batch_size:]
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 def _adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:

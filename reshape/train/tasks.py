@@ -98,6 +98,8 @@ def collator(processor, task: Task, max_length: int) -> Callable[[list[dict]], d
         tokenizer.pad_token = tokenizer.eos_token
     if task.inputs == "tokens":
         return lambda rows: _word_batch(tokenizer, rows, max_length)
+    if task.name == "masked-lm":
+        return _masked_batches(tokenizer, max_length)
 
     def collate(rows: list[dict]) -> dict:
         batch = dict(tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length, padding=True,
@@ -106,10 +108,24 @@ def collator(processor, task: Task, max_length: int) -> Callable[[list[dict]], d
             batch["labels"] = torch.tensor([r["label"] for r in rows])
         elif task.name == "causal-lm":
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        elif task.name == "masked-lm":
-            batch["input_ids"], batch["labels"] = _mask_tokens(batch["input_ids"], batch["attention_mask"],
-                                                               tokenizer)
         return batch
+
+    return collate
+
+
+def _masked_batches(tokenizer, max_length: int) -> Callable[[list[dict]], dict]:
+    """BERT's masking, by transformers: 15% of the real tokens are scored, and of those 80% become the mask
+    token, 10% a random token and 10% stay. No seed of its own: it draws from the global torch RNG, which
+    the training loop seeds and its checkpoints save, so a resumed run masks as the uninterrupted one."""
+    from transformers import DataCollatorForLanguageModeling
+
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+
+    def collate(rows: list[dict]) -> dict:
+        # special_tokens_mask (padded with 1s) keeps special tokens and padding unmasked
+        encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length,
+                            return_special_tokens_mask=True)
+        return dict(masker([dict(zip(encoded, values)) for values in zip(*encoded.values())]))
 
     return collate
 
@@ -125,15 +141,6 @@ def _word_batch(tokenizer, rows: list[dict], max_length: int) -> dict:
                 labels[i, position] = row["label"][word]
             previous = word
     return {**encoded, "labels": labels}
-
-
-def _mask_tokens(ids: torch.Tensor, attention: torch.Tensor, tokenizer, rate: float = 0.15):
-    """BERT-style masking: 15% of real tokens become [MASK]; only they are scored."""
-    special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-                            for row in ids.tolist()], dtype=torch.bool)
-    chosen = (torch.rand(ids.shape) < rate) & attention.bool() & ~special
-    labels = ids.masked_fill(~chosen, -100)
-    return ids.masked_fill(chosen, tokenizer.mask_token_id), labels
 
 
 @torch.no_grad()
