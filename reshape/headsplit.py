@@ -50,8 +50,9 @@ def aware_split(layer: dict[str, torch.Tensor], weights: BlockWeights, shape: Sh
 
 
 def attention_input_covariances(model: nn.Module, layers: nn.Module, weights: BlockWeights, indices: Iterable[int],
-                                batches: Iterable[dict]) -> dict[int, torch.Tensor]:
-    """E[x x^T] of the (bias-augmented) inputs of each listed block's query projection, over real tokens."""
+                                batches: Iterable[dict], run=None) -> dict[int, torch.Tensor]:
+    """E[x x^T] of the (bias-augmented) inputs of each listed block's query projection, over real tokens.
+    `run` runs the batches (reshape/inputs.py `whole_model`, the default, or block by block)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
@@ -62,7 +63,8 @@ def attention_input_covariances(model: nn.Module, layers: nn.Module, weights: Bl
         sums[index] = sums.get(index, 0) + x.T @ x
         counts[index] = counts.get(index, 0) + len(x)
 
-    run_with_input_hooks(model, {i: layers[i].get_submodule(weights.attn_in[0].name) for i in indices}, batches, record)
+    run_with_input_hooks(model, {i: layers[i].get_submodule(weights.attn_in[0].name) for i in indices}, batches, record,
+                         run)
     return {i: sums[i] / counts[i] for i in sums}
 
 

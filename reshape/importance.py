@@ -13,18 +13,24 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .inputs import evaluating
+from .inputs import whole_model
 
 METRICS = ("block-influence", "angular")
 
 
 @torch.no_grad()
 def layer_scores(model: nn.Module, layers: nn.Module, batches: Iterable[dict],
-                 metric: str = "block-influence") -> list[float]:
-    """The importance of each block in `layers` (higher = more important), over token batches."""
+                 metric: str = "block-influence", run=None) -> list[float]:
+    """The importance of each block in `layers` (higher = more important), over token batches. `run`
+    runs the batches (reshape/inputs.py `whole_model`, the default, or block by block)."""
     totals = [0.0] * len(layers)
-    count = 0
+    tokens: dict[int, int] = {}  # per batch
     current_mask: list[torch.Tensor | None] = [None]
+
+    def on_batch(index, batch):
+        current_mask[0] = mask = batch.get("attention_mask")
+        if index not in tokens:
+            tokens[index] = int(mask.sum()) if mask is not None else next(iter(batch.values())).numel()
 
     def hook(index):
         def record(module, args, kwargs, output):
@@ -38,15 +44,11 @@ def layer_scores(model: nn.Module, layers: nn.Module, batches: Iterable[dict],
 
     handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
     try:
-        with evaluating(model):  # the caller's training flags come back afterwards
-            for batch in batches:
-                current_mask[0] = batch.get("attention_mask")
-                model(**batch)
-                mask = current_mask[0]
-                count += int(mask.sum()) if mask is not None else next(iter(batch.values())).numel()
+        (run or whole_model(model))(batches, on_batch, len(layers) - 1)
     finally:
         for handle in handles:
             handle.remove()
+    count = sum(tokens.values())
     return [round(t / max(count, 1), 6) for t in totals]
 
 

@@ -64,18 +64,35 @@ def random_inputs(model: nn.Module, batches: int = 4, batch_size: int = 16, toke
     return [{key: torch.randn(batch_size, channels, *size, generator=generator).to(dtype)} for _ in range(batches)]
 
 
+def whole_model(model: nn.Module):
+    """The in-memory way of running calibration batches: each batch through the whole model, in eval
+    mode. A runner is called as `run(batches, on_batch, last)` and calls `on_batch(index, batch)` before
+    computing anything of that batch; `last` (the last block the caller needs) is for runners that stop
+    early (reshape/blockwise.py runs the blocks of a model never loaded whole, one at a time)."""
+
+    def run(batches, on_batch, last: int) -> None:
+        with evaluating(model):
+            for index, batch in enumerate(batches):
+                on_batch(index, batch)
+                model(**batch)
+
+    return run
+
+
 @torch.no_grad()
-def run_with_input_hooks(model: nn.Module, modules: dict[int, nn.Module], batches, record) -> None:
-    """Run each batch through `model` in eval mode; `record(index, x, mask)` receives the first positional
-    input of every listed module and the batch's attention mask (None without one)."""
+def run_with_input_hooks(model: nn.Module, modules: dict[int, nn.Module], batches, record, run=None) -> None:
+    """Run each batch through `model` in eval mode (or through `run`, see `whole_model`); `record(index,
+    x, mask)` receives the first positional input of every listed module and the batch's attention
+    mask (None without one). The keys of `modules` are block indices."""
     mask: list[torch.Tensor | None] = [None]
+
+    def on_batch(index, batch):
+        mask[0] = batch.get("attention_mask")
+
     handles = [module.register_forward_pre_hook(lambda m, args, i=i: record(i, args[0].detach(), mask[0]))
                for i, module in modules.items()]
     try:
-        with evaluating(model):
-            for batch in batches:
-                mask[0] = batch.get("attention_mask")
-                model(**batch)
+        (run or whole_model(model))(batches, on_batch, max(modules, default=-1))
     finally:
         for handle in handles:
             handle.remove()

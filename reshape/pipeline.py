@@ -16,6 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import validate
+from .blockwise import NotBlockwise
 from .card import write_card
 from .errors import Problem, ReshapeError, fail
 from .families import FAMILIES, ModelSpec, find_family
@@ -27,7 +28,7 @@ from .plan import Plan, legal_heads, parent_heads
 from .presets import load_presets, preset_for
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
-from .streaming import Conversion, layer_plan, layers_prefix, streaming_conversion
+from .streaming import Conversion, layer_plan, layers_prefix, splits_aware, streaming_conversion
 from .summary import count_params, describe
 from .transfer import load_into, transfer_stages, transfer_state
 from .version import __version__
@@ -196,7 +197,9 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
         importance = by_importance(src.spec, options)
         # Streaming: no model in memory, the same folder (reshape/streaming.py says when it applies).
         if conversion := streaming_conversion(src, plan, importance=importance, calib=calib):
-            return _convert_streaming(src, conversion, out, overwrite, progress)
+            recipe = _convert_streaming(src, conversion, out, overwrite, progress, calib)
+            if recipe is not None:
+                return recipe
         family = src.spec.family
         with _steps(progress) as step:
             with step(f"Loading {source}"):
@@ -229,12 +232,33 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
         return recipe
 
 
-def _convert_streaming(src: Source, conversion: Conversion, out: Path, overwrite: bool, progress: bool) -> dict:
-    """`convert` for a plan that needs no activations: tensors read one block at a time and written to
-    output shards as they fill (reshape/streaming.py); the folder is the in-memory path's."""
-    plan = conversion.plan
+def _convert_streaming(src: Source, conversion: Conversion, out: Path, overwrite: bool, progress: bool,
+                       calib: str | None) -> dict | None:
+    """`convert` without the model in memory: the activations the plan needs computed one block at a
+    time (reshape/blockwise.py), then tensors read one block at a time and written to output shards as
+    they fill (reshape/streaming.py); the folder is the in-memory path's. None when the model's forward
+    turns out not to run block by block (nothing written yet): `convert` then loads it in memory."""
+    scores = None
     with _steps(progress) as step:
+        # As the in-memory path reads them: --calib is tokenised (and checked) even where nothing uses it.
+        batches = calibration_batches(src, calib, conversion.source) if calib else None
+        try:
+            if conversion.importance:
+                with step(f"Scoring layers on {calib or 'random tokens'}, one block at a time"):
+                    scores = conversion.score_layers(batches)
+            if splits_aware(conversion.plan):
+                with step(f"Fitting the aware head split on {calib or 'random inputs'}, one block at a time"):
+                    conversion.fit_head_split(batches)
+        except NotBlockwise as e:
+            log.warning("reshape: %s: its activations cannot be computed one block at a time (%s); loading the "
+                        "whole model instead", src.name, e)
+            return None
+        plan = conversion.plan
         recipe = make_recipe(src, plan, conversion.source, conversion.new)
+        if scores:
+            recipe["layer_scores"] = {"metric": "block-influence", "calib": calib or "random tokens", "scores": scores}
+        if conversion.covs:
+            recipe["head_split_calib"] = calib or "random inputs"
         if problems := space_problems(out, conversion.nbytes):
             raise ReshapeError(problems)
         with step(f"Streaming to {out}: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"), \
@@ -322,7 +346,7 @@ def make_recipe(src: Source, plan: Plan, model: nn.Module, new: nn.Module) -> di
 def _input_covariances(model: nn.Module, spec: ModelSpec, plan: Plan, batches=None) -> dict[int, torch.Tensor] | None:
     """Attention-input covariances of the kept layers when the plan splits aware: on the calibration
     batches, or on random inputs without them."""
-    if plan.head_split != "aware" or plan.init != "transfer":
+    if not splits_aware(plan):
         return None
     family = spec.family
     batches = random_inputs(model) if batches is None else batches

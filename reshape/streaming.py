@@ -1,12 +1,15 @@
 """Streaming conversion: a safetensors folder converted tensor by tensor, never the whole model in memory.
 
-`convert` plans from config.json alone. For a plan that needs no activations (`can_stream` says which),
-each kept block's tensors are then read with safetensors' `safe_open`, put through the same per-block
-transfer as the in-memory path (reshape/transfer.py `transfer_block`) and written into output shards
-as they fill; the tensors outside the block stack are copied one at a time. Peak memory is one block's
-tensors (before and after its transfer) or one tensor outside the stack, whatever the size of the model
-or of its shards, and the folder holds the same tensors and config as the in-memory path writes
-(tests/test_streaming.py compares them per family).
+`convert` plans from config.json alone (`can_stream` says which runs stream). A plan that needs
+activations (Block Influence for `--select importance`, the covariances of the aware head split) gets
+them block by block first (reshape/blockwise.py: one block read at a time, the same values as on the
+model in memory). Each kept block's tensors are then read with safetensors' `safe_open`, put through
+the same per-block transfer as the in-memory path (reshape/transfer.py `transfer_block`) and written
+into output shards as they fill; the tensors outside the block stack are copied one at a time. Peak
+memory is one block's tensors (before and after its transfer) or one tensor outside the stack, whatever
+the size of the model or of its shards (plus, for activations, the tensors outside the stack that run
+before the first block and the calibration activations), and the folder holds the same tensors and
+config as the in-memory path writes (tests/test_streaming.py compares them per family).
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .blockwise import BlockRunner, NotBlockwise
 from .confine import INDEX, PICKLES, safetensors_weights
 from .errors import fail
 from .families import ModelSpec
 from .families.base import Family
 from .families.hf import HFFamily
+from .headsplit import attention_input_covariances
+from .importance import layer_scores, most_important
+from .inputs import random_inputs
 from .plan import Plan, parent_heads
 from .source import Source
 from .stages import StagedPlan
@@ -57,10 +64,10 @@ def streaming_conversion(src: Source, plan: Plan, *, importance: bool, calib: st
         return None  # timm folders load and save through timm's own code (not streamed yet)
     if isinstance(plan, StagedPlan):
         return None  # hierarchical and encoder-decoder models: several stacks, transfer_stages
-    if plan.init != "transfer" or importance or plan.head_split == "aware" or calib:
-        # a fresh model is initialised in memory; Block Influence and the aware split need activations
-        # of the whole model (and --calib is read only by those two)
-        return None
+    if plan.init != "transfer":
+        return None  # a fresh model is initialised in memory
+    if (importance or splits_aware(plan)) and activation_problem(family, config):
+        return None  # Block Influence and the aware split need activations, which these get in memory only
     if getattr(config, "auto_map", None) or getattr(config, "quantization_config", None) is not None:
         return None  # remote code and quantised weights: their own loading code may rewrite any tensor
     if not (_inherits(family, "save", HFFamily) and _inherits(family, "adjust_state", Family)):
@@ -81,7 +88,26 @@ def streaming_conversion(src: Source, plan: Plan, *, importance: bool, calib: st
                             saved_state(new)))
     if produced != set(saved_state(new)):
         return None  # some output tensor comes from no single source tensor or block
-    return Conversion(src, plan, checkpoint, dtype, source, new)
+    return Conversion(src, plan, checkpoint, dtype, source, new, importance=importance)
+
+
+def splits_aware(plan: Plan) -> bool:
+    """Whether the plan's head split is fitted on activations (as pipeline._input_covariances decides)."""
+    return plan.head_split == "aware" and plan.init == "transfer"
+
+
+def activation_problem(family, config) -> str | None:
+    """Why the activations of this model cannot be computed one block at a time (reshape/blockwise.py),
+    as far as config.json tells; None when they can. The block-by-block run checks the rest on the
+    model's own forward (a module between two blocks, arguments of their own per block) and `convert`
+    falls back to the model in memory when that check fails."""
+    if family.shared_layers:
+        return "one block runs at every depth (ALBERT): its calls cannot be taken one block at a time"
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1:
+        return (f"its layers are of several types ({', '.join(sorted(set(map(str, kinds))))}), and each type "
+                "gets its own attention mask or position embeddings from the model's forward")
+    return None
 
 
 class Conversion:
@@ -89,19 +115,54 @@ class Conversion:
     before anything is written. `source` and `new` are the models on the meta device (for the recipe)."""
 
     def __init__(self, src: Source, plan: Plan, checkpoint: "Checkpoint", dtype: torch.dtype, source: nn.Module,
-                 new: nn.Module):
+                 new: nn.Module, importance: bool = False):
         family = src.spec.family
-        self.family, self.plan, self.shape = family, plan, family.shape(src.spec.config)
-        self.checkpoint, self.dtype, self.source, self.new = checkpoint, dtype, source, new
+        self.spec, self.family, self.shape = src.spec, family, family.shape(src.spec.config)
+        self.checkpoint, self.dtype, self.source = checkpoint, dtype, source
         self.expected = saved_state(self.source)
         self.checkpoint.check(self.expected)  # wrong shape or dtype: refused before anything is written
-        self.outputs = saved_state(self.new)
         self.prefix = layers_prefix(self.source, family)
-        self.keep = layer_plan(family, plan).keep
-        self.sources = _sources(self.checkpoint, self.prefix, self.keep, self.outputs)
-        self.outside = family.outside_per_head(self.source) if plan.heads != self.shape.heads else {}
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
+        self.importance = importance  # the kept layers are picked by `score_layers` first
+        self.covs: dict[int, torch.Tensor] | None = None  # aware split: source layer -> its input covariance
+        self._set_plan(plan, new)
         self._block: tuple[int, dict[str, torch.Tensor]] | None = None  # the one block held in memory
+
+    def _set_plan(self, plan: Plan, new: nn.Module) -> None:
+        self.plan, self.new = plan, new
+        self.outputs = saved_state(self.new)
+        self.keep = layer_plan(self.family, plan).keep
+        self.sources = _sources(self.checkpoint, self.prefix, self.keep, self.outputs)
+        self.outside = self.family.outside_per_head(self.source) if plan.heads != self.shape.heads else {}
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
+
+    def _runner(self) -> tuple[nn.Module, nn.Module, BlockRunner]:
+        """A fresh meta model, its block stack, and a runner that reads its blocks one at a time."""
+        model = skeleton(self.spec, self.dtype)
+        layers = self.family.layers(model)
+        return model, layers, BlockRunner(model, layers, layers_prefix(model, self.family), self.checkpoint)
+
+    def score_layers(self, batches: list[dict] | None) -> list[float]:
+        """Block Influence of every layer on `batches` (random tokens without them), one block at a time
+        (pipeline.convert computes it on the model in memory; the scores are the same), and the plan
+        keeps the highest-scoring layers. Raises NotBlockwise when the model's loop cannot be replayed."""
+        model, layers, runner = self._runner()
+        scores = layer_scores(model, layers, batches or random_inputs(model), run=runner)
+        plan = replace(self.plan, keep=most_important(scores, self.plan.depth))
+        new = skeleton(ModelSpec(self.family, self.family.new_config(self.spec.config, self.shape, plan),
+                                 self.spec.cls), self.dtype)
+        if set(_sources(self.checkpoint, self.prefix, layer_plan(self.family, plan).keep,
+                        saved_state(new))) != set(saved_state(new)):
+            raise NotBlockwise("with the layers picked, some output tensor comes from no single source tensor")
+        self._set_plan(plan, new)
+        return scores
+
+    def fit_head_split(self, batches: list[dict] | None) -> None:
+        """The attention input covariances of the kept layers for the aware split, on `batches` (random
+        inputs without them), one block at a time (as pipeline._input_covariances, in memory)."""
+        model, layers, runner = self._runner()
+        batches = random_inputs(model) if batches is None else batches
+        self.covs = attention_input_covariances(model, layers, self.family.weights, self.plan.keep, batches,
+                                                run=runner)
 
     def write(self, folder: Path) -> None:
         """config.json (and generation_config.json) as `save_pretrained` writes them, then the weights,
@@ -142,7 +203,8 @@ class Conversion:
             old = f"{self.prefix}{self.keep[new_index]}."
             layer = {key[len(old):]: self.checkpoint.get(key, self.expected[key].dtype)
                      for key in self.checkpoint.shapes if key.startswith(old)}
-            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan)
+            cov = (self.covs or {}).get(self.keep[new_index])
+            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan, cov)
         return self._block[1][rel]
 
 

@@ -1,6 +1,7 @@
 """Streaming conversion (reshape/streaming.py): the folder it writes equals the in-memory path's, tensor
 for tensor, on tiny checkpoints of several shards; it reads one block at a time; bad files are refused in
-one line before anything is written; and the runs that need activations stay in memory."""
+one line before anything is written; and which runs stream. The runs that need activations (Block
+Influence, the aware head split) are in tests/test_calibration_stream.py."""
 
 from __future__ import annotations
 
@@ -148,10 +149,12 @@ def test_one_block_at_a_time_and_dropped_layers_never_read(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("model_type, head, options, streams", [
-    ("bert", None, dict(), False),  # the rule of thumb doubles the heads: aware split, fitted on activations
+    ("bert", None, dict(), True),  # the rule of thumb doubles the heads: aware split, fitted block by block
     ("bert", None, dict(head_split="contiguous"), True),
     ("bert", None, dict(depth=4), True),  # heads kept: nothing to split
-    ("llama", tf.LlamaForCausalLM, dict(depth=4), False),  # a decoder's layers are picked by Block Influence
+    ("llama", tf.LlamaForCausalLM, dict(depth=4), True),  # a decoder's layers are picked by Block Influence
+    ("albert", None, dict(depth=4), True),
+    ("albert", None, dict(depth=4, select="importance"), False),  # its one block runs at every depth
     ("llama", tf.LlamaForCausalLM, dict(depth=4, select="uniform"), True),
     ("llama", tf.LlamaForCausalLM, dict(keep=[0, 1, 5]), True),
     ("llama", tf.LlamaForCausalLM, dict(depth=4, select="uniform", init="random"), False),
@@ -164,11 +167,11 @@ def test_which_runs_stream(model_type, head, options, streams, tmp_path):
     assert reshape.streaming.can_stream(src, plan, importance=by_importance(src.spec, options), calib=None) is streams
 
 
-def test_calibration_data_keeps_the_in_memory_path(tmp_path):
+def test_calibration_data_streams_too(tmp_path):
     src = open_source(str(source(tmp_path, "bert")))
     plan = plan_for(src.spec, None, 4, None)
     assert reshape.streaming.can_stream(src, plan, importance=False, calib=None)
-    assert not reshape.streaming.can_stream(src, plan, importance=False, calib="hamlet")
+    assert reshape.streaming.can_stream(src, plan, importance=True, calib="hamlet")
 
 
 def test_a_checkpoint_with_extra_weights_keeps_the_in_memory_path(tmp_path):
