@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .families.timm_xcit import WIDE_KEY
+from .source import is_timm_config, needs_reshape
 from .summary import cell
 
 PAPER = '"Leaner Transformers: More Heads, Less Depth" (Saratchandran, Teney, Lucey; arXiv 2505.20802)'
@@ -58,7 +58,7 @@ def build_card(folder: str | Path, source: str | Path | None = None, name: str |
     if recipe and "plan" not in recipe:  # distilled with --layer-map from a model reshape did not convert
         recipe = None
     config = _json(folder / "config.json") or {}
-    timm = "architecture" in config
+    timm = is_timm_config(config)
     source_meta = _metadata(source_folder) or _metadata(folder)  # a card being rebuilt keeps what it inherited
 
     trained = finetuned or (distilled if distilled and distilled.get("task") else None)
@@ -87,7 +87,7 @@ def build_card(folder: str | Path, source: str | Path | None = None, name: str |
     if report:
         body += ["## Savings report", "", report.read_text().strip(), ""]
     body += _recovery(distilled, finetuned)
-    body += _loading(name, config, timm)
+    body += _loading(name, config, timm, needs_reshape(folder))
     body += ["## Citation", "", f"The recipe is that of {PAPER}:", "", "```bibtex", CITATION, "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
@@ -269,11 +269,11 @@ def _training(run: dict) -> list[str]:
     return lines
 
 
-def _loading(name: str, config: dict, timm: bool) -> list[str]:
-    if WIDE_KEY in config:  # only reshape builds its wider XCiT attention
+def _loading(name: str, config: dict, timm: bool, reason: str | None) -> list[str]:
+    if reason:  # the folder's family says only reshape builds it (Family.needs_reshape)
         code = ["import reshape", "", f'model = reshape.load("{name}")  # this folder']
-        return ["## Loading (needs reshape)", "", f"Its attention is wider than timm's XCiT builds ({WIDE_KEY} "
-                "in config.json), so it loads through reshape:", "", "```python", *code, "```", ""]
+        return ["## Loading (needs reshape)", "", f"Plain {'timm' if timm else 'transformers'} cannot build it "
+                f"({reason}), so it loads through reshape:", "", "```python", *code, "```", ""]
     if timm:
         code = ["import timm", "", f'model = timm.create_model("local-dir:{name}", pretrained=True)  # this folder',
                 '# from the Hub: timm.create_model("hf-hub:OWNER/NAME", pretrained=True)']

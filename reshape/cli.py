@@ -1,6 +1,11 @@
 """The `reshape` command: thin commands over the library functions.
 
 Bad input exits with code 2 and one `error: field=value: reason; fix` line per problem on stderr.
+
+Each option is declared once, as an Annotated alias (name, help); options that several commands take
+together are a dataclass group with their defaults (PlanFlags: convert and inspect; TrainFlags: finetune
+and distill; OutputFlags: --quiet, --json and --push-to-hub of convert, finetune and distill), which
+`_with_groups` spreads into each command's options.
 """
 
 from __future__ import annotations
@@ -9,8 +14,11 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, fields, is_dataclass
+from functools import wraps
+from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -47,6 +55,40 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be empty or absent).")]
 PushToHub = Annotated[Optional[str], typer.Option(
     "--push-to-hub", metavar="OWNER/NAME", help="Then upload OUT to this Hub repo (see `reshape push`).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+
+
+def _with_groups(**defaults):
+    """Let a command take groups of options declared once (the dataclasses below): typer sees each parameter
+    typed with a group as the group's options, in its place, and the command gets the group filled in.
+    `defaults` changes a group option's default for this one command (distill's --lr)."""
+    def wrap(command):
+        hints = get_type_hints(command, include_extras=True)
+        params, groups = [], {}
+        for name, param in signature(command).parameters.items():
+            group = hints[name]
+            if isinstance(group, type) and is_dataclass(group):
+                groups[name] = group
+                # the aliases live in the command's globals (under runpy this module is in no sys.modules)
+                group_hints = get_type_hints(group, command.__globals__, include_extras=True)
+                params += [Parameter(f.name, Parameter.KEYWORD_ONLY, annotation=group_hints[f.name],
+                                     default=defaults.pop(f.name, f.default)) for f in fields(group)]
+            else:
+                params.append(param.replace(kind=Parameter.KEYWORD_ONLY, annotation=group))
+        if defaults:
+            raise TypeError(f"{command.__name__} takes no group option {', '.join(defaults)}")
+
+        @wraps(command)
+        def run(**values):
+            for name, group in groups.items():
+                values[name] = group(**{f.name: values.pop(f.name) for f in fields(group)})
+            return command(**values)
+
+        run.__signature__ = Signature(params)  # what typer reads (a name in two groups is refused here)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap
 
 
 @contextmanager
@@ -91,52 +133,93 @@ def _parse_count(value: str | None, field: str) -> int | list[int] | None:
     return counts[0] if counts and len(counts) == 1 and "," not in value else counts
 
 
-def _plan_options(keep, select, keep_head_dim, mlp, init, head_split, allow_fewer_heads, force,
-                  inner_heads=None) -> dict:
-    options = dict(keep=_parse_indices(keep, "keep"), keep_head_dim=keep_head_dim, mlp=mlp, init=init,
-                   head_split=head_split, allow_fewer_heads=allow_fewer_heads, force=force, inner_heads=inner_heads)
-    return options if select is None else {**options, "select": select}  # None: the model's default
+@dataclass
+class PlanFlags:
+    """The plan: what convert and inspect both take."""
+
+    heads: Heads = None
+    depth: Depth = None
+    inner_heads: InnerHeads = None
+    keep: Keep = None
+    select: Select = None
+    keep_head_dim: KeepHeadDim = False
+    mlp: Mlp = None
+    init: Init = "transfer"
+    head_split: HeadSplit = None
+    allow_fewer_heads: AllowFewer = False
+    force: Force = False
+
+    def options(self) -> dict:
+        """The keyword arguments of reshape.convert and reshape.inspect; bad lists raise ReshapeError."""
+        options = dict(heads=_parse_count(self.heads, "heads"), depth=_parse_count(self.depth, "depth"),
+                       keep=_parse_indices(self.keep, "keep"), keep_head_dim=self.keep_head_dim, mlp=self.mlp,
+                       init=self.init, head_split=self.head_split, allow_fewer_heads=self.allow_fewer_heads,
+                       force=self.force, inner_heads=self.inner_heads)
+        return options if self.select is None else {**options, "select": self.select}  # None: the model's default
+
+
+@dataclass
+class OutputFlags:
+    """What a command that writes OUT prints, and where it uploads OUT: convert, finetune and distill."""
+
+    quiet: Quiet = False
+    json_output: Json = False
+    push_to_hub: PushToHub = None
+
+    @property
+    def silent(self) -> bool:
+        return self.quiet or self.json_output
+
+    def check_push(self) -> None:
+        """--push-to-hub: a bad repo id or a missing token is refused before the work, not after it."""
+        if self.push_to_hub is not None:
+            from .hub import check_target
+
+            check_target(self.push_to_hub)
+
+    def push(self, out: Path) -> None:
+        """--push-to-hub: upload the folder the command just wrote (the first process only, under accelerate)."""
+        if not self.push_to_hub:
+            return
+        from .train.loop import is_main_process
+
+        if not is_main_process():
+            return
+        with _user_errors():
+            from .hub import push as run
+
+            result = run(out, self.push_to_hub)
+        if not self.silent:
+            err_console.print(f"Pushed {out} to {self.push_to_hub}: {result['url']}", markup=False, highlight=False)
 
 
 @app.command()
+@_with_groups()
 def convert(
     model: Model,
     out: Out,
-    heads: Heads = None,
-    depth: Depth = None,
-    inner_heads: InnerHeads = None,
-    keep: Keep = None,
-    select: Select = None,
-    keep_head_dim: KeepHeadDim = False,
-    mlp: Mlp = None,
-    init: Init = "transfer",
-    head_split: HeadSplit = None,
-    allow_fewer_heads: AllowFewer = False,
-    force: Force = False,
+    *,
+    plan: PlanFlags,
     seed: Annotated[int, typer.Option(help="Seed for --init random.")] = 0,
     calib: Annotated[Optional[str], typer.Option(
         help="Text that --select importance scores the layers on and the aware head split is fitted on "
              "(recipe, file or Hub dataset; random inputs without it).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    overwrite: Overwrite = False,
     trust_remote_code: Trust = False,
-    quiet: Quiet = False,
-    json_output: Json = False,
-    push_to_hub: PushToHub = None,
+    output: OutputFlags,
 ):
     """Rebuild MODEL with more heads and fewer layers into a standard folder at OUT."""
-    _setup(quiet or json_output)
+    _setup(output.silent)
     with _user_errors():
         from . import convert as convert_model
         from .summary import table
 
-        _check_push(push_to_hub)
-        recipe = convert_model(model, out, _parse_count(heads, "heads"), _parse_count(depth, "depth"), seed=seed, overwrite=overwrite, calib=calib,
-                               trust_remote_code=trust_remote_code, progress=not (quiet or json_output),
-                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
-                                               allow_fewer_heads, force, inner_heads))
-    if json_output:
+        output.check_push()
+        recipe = convert_model(model, out, seed=seed, overwrite=overwrite, calib=calib,
+                               trust_remote_code=trust_remote_code, progress=not output.silent, **plan.options())
+    if output.json_output:
         print(json.dumps({"out": str(out), **recipe}, indent=2))
-    elif not quiet:
+    elif not output.quiet:
         before = {"shape": recipe["source_shape"], "params": recipe["params"]["source"]}
         after = {"shape": recipe["shape"], "params": recipe["params"]["result"]}
         out_console.print(table(f"{model} -> {out}", before, after))
@@ -147,36 +230,19 @@ def convert(
                  else "")
         out_console.print(f"Kept layers {recipe['plan']['keep']}{split}; saved "
                           f"{recipe['params']['saved_fraction']:.1%} of the parameters. Wrote {out}")
-    _push_to_hub(out, push_to_hub, quiet or json_output)
+    output.push(out)
 
 
 @app.command()
-def inspect(
-    model: Model,
-    heads: Heads = None,
-    depth: Depth = None,
-    inner_heads: InnerHeads = None,
-    keep: Keep = None,
-    select: Select = None,
-    keep_head_dim: KeepHeadDim = False,
-    mlp: Mlp = None,
-    init: Init = "transfer",
-    head_split: HeadSplit = None,
-    allow_fewer_heads: AllowFewer = False,
-    force: Force = False,
-    trust_remote_code: Trust = False,
-    json_output: Json = False,
-):
+@_with_groups()
+def inspect(model: Model, *, plan: PlanFlags, trust_remote_code: Trust = False, json_output: Json = False):
     """Show MODEL's layers, heads, widths and parameters; with a plan, the result and the savings."""
     _setup(json_output)
     with _user_errors():
         from . import inspect as inspect_model
         from .summary import table
 
-        report = inspect_model(model, _parse_count(heads, "heads"), _parse_count(depth, "depth"),
-                               trust_remote_code=trust_remote_code,
-                               **_plan_options(keep, select, keep_head_dim, mlp, init, head_split,
-                                               allow_fewer_heads, force, inner_heads))
+        report = inspect_model(model, trust_remote_code=trust_remote_code, **plan.options())
     if json_output:
         print(json.dumps(report, indent=2))
         return
@@ -218,7 +284,6 @@ MaxLength = Annotated[Optional[int], typer.Option(
 Seed = Annotated[int, typer.Option(help="Seed for data order, dropout and fresh heads.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on a supporting GPU), no, fp16 or bf16.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT's last checkpoint.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
 KeepCheckpoints = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep OUT/checkpoints after training.")]
 LogKappa = Annotated[bool, typer.Option("--log-kappa", help="Log each layer's attention κ at every evaluation "
                                                             "(OUT/metrics.jsonl).")]
@@ -229,16 +294,44 @@ LogKappa = Annotated[bool, typer.Option("--log-kappa", help="Log each layer's at
 AUTO_MIN_STEPS, AUTO_PATIENCE = 300, 5
 
 
-def _train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed, precision, patience=None,
-                  save_every=None):
-    from .train.loop import TrainConfig
+@dataclass
+class TrainFlags:
+    """The training run: what finetune and distill both take (distill changes --lr's default)."""
 
-    automatic = steps is None and epochs is None
-    return TrainConfig(max_steps=steps, epochs=1.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
-                       grad_accum=grad_accum, eval_every=eval_every, seed=seed, mixed_precision=precision,
-                       min_steps=AUTO_MIN_STEPS if automatic else None,
-                       patience=patience if patience is not None else (AUTO_PATIENCE if automatic else None),
-                       **({} if save_every is None else {"save_every": save_every}))  # None: TrainConfig's default
+    steps: Steps = None
+    epochs: Epochs = None
+    batch_size: BatchSize = 32
+    lr: Lr = 5e-5
+    grad_accum: GradAccum = 1
+    eval_every: EvalEvery = None
+    patience: Patience = None
+    max_length: MaxLength = None
+    seed: Seed = 0
+    mixed_precision: Precision = "auto"
+    save_every: SaveEvery = None
+    resume: Resume = False
+    overwrite: Overwrite = False
+    keep_checkpoints: KeepCheckpoints = False
+    log_kappa: LogKappa = False
+
+    def config(self):
+        """The TrainConfig; with neither --steps nor --epochs, the automatic budget."""
+        from .train.loop import TrainConfig
+
+        automatic = self.steps is None and self.epochs is None
+        return TrainConfig(max_steps=self.steps, epochs=1.0 if self.epochs is None else self.epochs,
+                           batch_size=self.batch_size, lr=self.lr, grad_accum=self.grad_accum,
+                           eval_every=self.eval_every, seed=self.seed, mixed_precision=self.mixed_precision,
+                           min_steps=AUTO_MIN_STEPS if automatic else None,
+                           patience=self.patience if self.patience is not None else
+                           (AUTO_PATIENCE if automatic else None),
+                           **({} if self.save_every is None else {"save_every": self.save_every}))  # None: its default
+
+    def run_options(self, output: OutputFlags) -> dict:
+        """The keyword arguments that train.finetune.finetune and train.distill.distill both take."""
+        return dict(max_length=self.max_length, resume=self.resume, overwrite=self.overwrite,
+                    keep_checkpoints=self.keep_checkpoints, log_kappa=self.log_kappa, progress=not output.silent,
+                    config=self.config())
 
 
 def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> None:
@@ -255,33 +348,27 @@ def _print_result(result: dict, json_output: bool, quiet: bool, title: str) -> N
 
 
 @app.command()
+@_with_groups()
 def finetune(
     model: Model, task: Task, data: Data, out: Out,
     text_column: TextColumn = None, label_column: LabelColumn = None, image_column: ImageColumn = None,
     lora: Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank; merged on save.")] = None,
-    steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 5e-5, grad_accum: GradAccum = 1,
-    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = None, seed: Seed = 0, mixed_precision: Precision = "auto",
-    save_every: SaveEvery = None,
-    resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
-    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
+    *, train: TrainFlags, output: OutputFlags,
     validation_ratio: Annotated[float, typer.Option(
         help="Fraction of the training rows held out for validation (which picks the checkpoint) when DATA "
              "has no validation split of its own; recipes have fixed splits.")] = 0.1,
 ):
     """Fine-tune MODEL on a task; write the checkpoint best on validation to OUT, and score it once on test."""
-    _setup(quiet or json_output)
+    _setup(output.silent)
     with _user_errors():
         from .train.finetune import finetune as run
 
-        _check_push(push_to_hub)
+        output.check_push()
         result = run(model, out, task=task, data=data, text_column=text_column, label_column=label_column,
-                     image_column=image_column, max_length=max_length, lora=lora, resume=resume, overwrite=overwrite,
-                     keep_checkpoints=keep_checkpoints, log_kappa=log_kappa, progress=not (quiet or json_output),
-                     validation_ratio=validation_ratio,
-                     config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
-                                          mixed_precision, patience, save_every))
-    _print_result(result, json_output, quiet, f"Wrote {out}")
-    _push_to_hub(out, push_to_hub, quiet or json_output)
+                     image_column=image_column, lora=lora, validation_ratio=validation_ratio,
+                     **train.run_options(output))
+    _print_result(result, output.json_output, output.quiet, f"Wrote {out}")
+    output.push(out)
 
 
 @app.command("eval")
@@ -305,6 +392,7 @@ def evaluate(
 
 
 @app.command()
+@_with_groups(lr=1e-4)
 def distill(
     teacher: Annotated[str, typer.Option(help="The source model (alias, folder or Hub id).")],
     student: Annotated[str, typer.Option(help="The converted model folder (with its reshape.json).")],
@@ -325,29 +413,21 @@ def distill(
     hidden_kind: Annotated[str, typer.Option(help="mse or cosine.")] = "mse",
     layer_map: Annotated[Optional[str], typer.Option(
         help="Teacher layer for each student layer, e.g. 0,2,3,5 (default: reshape.json's kept layers).")] = None,
-    steps: Steps = None, epochs: Epochs = None, batch_size: BatchSize = 32, lr: Lr = 1e-4, grad_accum: GradAccum = 1,
-    eval_every: EvalEvery = None, patience: Patience = None, max_length: MaxLength = None, seed: Seed = 0, mixed_precision: Precision = "auto",
-    save_every: SaveEvery = None,
-    resume: Resume = False, overwrite: Overwrite = False, keep_checkpoints: KeepCheckpoints = False,
-    log_kappa: LogKappa = False, quiet: Quiet = False, json_output: Json = False, push_to_hub: PushToHub = None,
+    *, train: TrainFlags, output: OutputFlags,
 ):
     """Distil the STUDENT from the TEACHER on text (or on a labelled task); write it to OUT."""
-    _setup(quiet or json_output)
+    _setup(output.silent)
     with _user_errors():
         from .train.distill import distill as run
         from .train.losses import DistillWeights
 
-        _check_push(push_to_hub)
+        output.check_push()
         result = run(teacher, student, out, data=data, task=task, text_column=text_column, label_column=label_column,
                      weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled, relation=relation, task=task_weight),
                      temperature=temperature, hidden_kind=hidden_kind, relation_heads=relation_heads,
-                     explicit_map=_parse_indices(layer_map, "layer_map"),
-                     max_length=max_length, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
-                     log_kappa=log_kappa, progress=not (quiet or json_output),
-                     config=_train_config(steps, epochs, batch_size, lr, grad_accum, eval_every, seed,
-                                          mixed_precision, patience, save_every))
-    _print_result(result, json_output, quiet, f"Wrote {out}")
-    _push_to_hub(out, push_to_hub, quiet or json_output)
+                     explicit_map=_parse_indices(layer_map, "layer_map"), **train.run_options(output))
+    _print_result(result, output.json_output, output.quiet, f"Wrote {out}")
+    output.push(out)
 
 
 @app.command()
@@ -387,30 +467,6 @@ def push(
         out_console.print(f"Pushed {len(result['files'])} files to {repo}: {result['url']}")
 
 
-def _check_push(repo: str | None) -> None:
-    """--push-to-hub: a bad repo id or a missing token is refused before the work, not after it."""
-    if repo is not None:
-        from .hub import check_target
-
-        check_target(repo)
-
-
-def _push_to_hub(out: Path, repo: str | None, quiet: bool) -> None:
-    """--push-to-hub: upload the folder a command just wrote (the first process only, under accelerate)."""
-    if not repo:
-        return
-    from .train.loop import is_main_process
-
-    if not is_main_process():
-        return
-    with _user_errors():
-        from .hub import push as run
-
-        result = run(out, repo)
-    if not quiet:
-        err_console.print(f"Pushed {out} to {repo}: {result['url']}", markup=False, highlight=False)
-
-
 @app.command()
 def presets(json_output: Json = False):
     """List the preset aliases: Hub id, family, recommended heads and depth, and where that comes from."""
@@ -447,7 +503,7 @@ def report(
     no_kappa: Annotated[bool, typer.Option("--no-kappa", help="Skip the conditioning probe.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md and "
                                                                     "plots (must be empty or absent).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_output: Json = False,
 ):

@@ -7,14 +7,12 @@ Authorization header that huggingface_hub sends; it is never printed, logged or 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from .confine import safetensors_weights
 from .errors import fail
-from .families.timm_xcit import WIDE_KEY
 
 # Training leftovers that stay local: checkpoints (optimizer state) and the step-by-step log.
 LEFTOVERS = ("checkpoints", "metrics.jsonl")
@@ -69,15 +67,16 @@ def upload_files(folder: Path) -> list[str]:
 
 def check_loads(folder: Path) -> None:
     """Load the folder as a user would, with plain transformers or timm (no reshape, no remote code)."""
-    from .train.timm_task import is_timm_folder
+    from .source import is_timm_folder, needs_reshape
 
-    if is_timm_folder(folder) and WIDE_KEY in json.loads((folder / "config.json").read_text()):
-        raise fail("folder", folder, f"needs reshape to load ({WIDE_KEY} in config.json: an XCiT attention wider "
-                   "than timm builds), so Hub users could not load it with timm",
-                   "convert without --keep-head-dim to push a folder plain timm loads")
-    safetensors_weights(folder, folder, field="folder", sharded=not is_timm_folder(folder))  # no pickles
+    is_timm = is_timm_folder(folder)
+    library = "timm" if is_timm else "transformers"
+    if reason := needs_reshape(folder):  # the folder's family says why
+        raise fail("folder", folder, f"needs reshape to load ({reason}), so Hub users could not load it with "
+                   f"{library}", f"convert without the option that made it to push a folder plain {library} loads")
+    safetensors_weights(folder, folder, field="folder", sharded=not is_timm)  # no pickles
     try:
-        if is_timm_folder(folder):
+        if is_timm:
             import timm
 
             timm.create_model(f"local-dir:{folder}", pretrained=True)

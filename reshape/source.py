@@ -19,9 +19,8 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .confine import safetensors_weights
-from .errors import fail
+from .errors import ReshapeError, fail
 from .families import ModelSpec, find_family
-from .families.timm_xcit import WIDE_KEY
 from .output import copy_extra_files
 from .presets import Preset, load_presets, preset_for
 
@@ -93,6 +92,36 @@ def is_timm_architecture(name: str) -> bool:
     return timm.is_model(name)
 
 
+def is_timm_config(saved: dict) -> bool:
+    """Whether a saved config.json is timm's Hub format (architecture, model_args), not transformers'."""
+    return "architecture" in saved and "model_type" not in saved
+
+
+def is_timm_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds a timm model (its config.json in timm's format), which timm's loader reads."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and is_timm_config(json.loads(config.read_text()))
+
+
+def needs_reshape(folder: str | Path) -> str | None:
+    """Why the saved `folder` loads only through reshape.load, not with its own library alone: its family's
+    answer (Family.needs_reshape), or None. A transformers folder is never such: families refuse before
+    converting any config transformers would not load (Family.config_problem). Nor is a timm model that no
+    family adapts, or a folder without a readable config.json (the loaders say what is wrong with it)."""
+    folder = Path(folder)
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not is_timm_config(saved):
+        return None
+    try:
+        spec = read_spec(folder, False, str(folder))
+    except ReshapeError:  # no family claims it: reshape did not build it
+        return None
+    return spec.family.needs_reshape(spec.config)
+
+
 def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
     try:
         raw = json.loads((folder / "config.json").read_text())
@@ -101,14 +130,14 @@ def read_spec(folder: Path, trust_remote_code: bool, name: str) -> ModelSpec:
     if "auto_map" in raw and not trust_remote_code:
         raise fail("model", name, "needs remote code (its config.json has auto_map)",
                    "pass --trust-remote-code if you trust its source")
-    if "architecture" in raw and "model_type" not in raw:  # timm's Hub format
+    if is_timm_config(raw):
         args = dict(raw.get("model_args", {}))
         if "num_classes" in raw:
             args.setdefault("num_classes", raw["num_classes"])
-        config = {"architecture": raw["architecture"], "model_args": args, "pretrained_cfg": raw.get("pretrained_cfg")}
-        if WIDE_KEY in raw:  # reshape's own key: an XCiT attention wider than the model (keep-head-dim)
-            config[WIDE_KEY] = raw[WIDE_KEY]
-        return spec_of(config)
+        spec = spec_of({"architecture": raw["architecture"], "model_args": args,
+                        "pretrained_cfg": raw.get("pretrained_cfg")})
+        spec.config.update(spec.family.own_config(raw))  # reshape's own keys (e.g. a wide XCiT's head dim)
+        return spec
     import transformers
 
     try:
@@ -175,7 +204,7 @@ def load_timm_folder(folder: str | Path, num_classes: int | None = None, spec: M
     folder = Path(folder)
     spec = spec or read_spec(folder, False, str(folder))
     safetensors_weights(folder, str(folder), sharded=False)  # timm would fall back to pytorch_model.bin
-    if spec.family.timm_loads(spec.config):
+    if spec.family.needs_reshape(spec.config) is None:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
     from safetensors.torch import load_model as load_safetensors

@@ -119,6 +119,18 @@ class Family(ABC):
         """Why the family's own library would refuse this config when loading it, or None."""
         return None
 
+    def needs_reshape(self, config: Any) -> str | None:
+        """Why a saved folder of this config loads only through reshape.load, not with the family's own
+        library alone, or None (most families). The card says how to load it, and push refuses it, from this.
+        E.g. XCiT's attention wider than timm builds: "attn_head_dim in config.json: ..."."""
+        return None
+
+    def own_config(self, saved: dict) -> dict:
+        """reshape's own keys in a saved timm config.json that rebuilding the model needs (timm reads only
+        architecture and model_args), to carry into the config read from the folder; {} for most families.
+        E.g. XCiT's attn_head_dim. (A transformers config keeps every key of its own accord.)"""
+        return {}
+
     def resolve(self, obj: Any) -> "Family":
         """The adapter for this particular model (the generic transformers adapter reads it from the structure)."""
         return self

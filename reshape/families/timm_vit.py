@@ -99,8 +99,9 @@ class TimmFamily(Family):
         return {}
 
     def timm_loads(self, config: dict) -> bool:
-        """Does timm.create_model alone rebuild this config? False where reshape swapped in its own modules."""
-        return True
+        """Does timm.create_model alone rebuild this config? False where reshape swapped in its own modules
+        (Family.needs_reshape says why)."""
+        return self.needs_reshape(config) is None
 
     def _skeleton(self, config):
         """A meta-device model of `config`, to read shapes from; shared, so callers must not change it."""

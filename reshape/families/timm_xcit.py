@@ -109,8 +109,13 @@ class TimmXCiT(TimmFamily):
         attn = model.blocks[0].attn
         return {WIDE_KEY: attn.head_dim} if isinstance(attn, _wide_xca_class()) else {}
 
-    def timm_loads(self, config) -> bool:
-        return WIDE_KEY not in config
+    def needs_reshape(self, config) -> str | None:
+        if WIDE_KEY in config:
+            return f"{WIDE_KEY} in config.json: an XCiT attention wider than timm builds, made by --keep-head-dim"
+        return None
+
+    def own_config(self, saved: dict) -> dict:
+        return {WIDE_KEY: saved[WIDE_KEY]} if WIDE_KEY in saved else {}
 
 
 TIMM_XCIT = TimmXCiT()

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..confine import safetensors_weights
 from ..errors import fail
-from .timm_task import TimmProcessor, is_timm_folder, load_classifier
+from ..source import is_timm_folder
+from .timm_task import TimmProcessor, load_classifier
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,6 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 
-def is_timm_folder(path) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and "architecture" in json.loads(config.read_text())
-
-
 class TimmClassifier(nn.Module):
     def __init__(self, model: nn.Module, label_names: list[str] | None):
         super().__init__()
