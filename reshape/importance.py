@@ -35,7 +35,7 @@ def layer_scores(model: nn.Module, layers: nn.Module, batches: Iterable[dict],
     def hook(index):
         def record(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, tuple) else output
+            y = output[0] if isinstance(output, (tuple, list)) else output  # GPT-1 blocks return lists
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [batch, tokens]
             value = 1 - cos if metric == "block-influence" else torch.arccos(cos.clamp(-1, 1)) / math.pi
             mask = current_mask[0]

@@ -21,9 +21,10 @@ def max_tokens(model: nn.Module) -> int | None:
     if not positions:
         return None
     # RoBERTa-style position ids start after the padding index (at 2 for RoBERTa, XLM-R, CamemBERT, MPNet).
+    # (I-BERT's table is a QuantEmbedding, not an nn.Embedding: read the attribute, not the class.)
     table = next((m for name, m in model.named_modules() if name.endswith("position_embeddings")
-                  and isinstance(m, nn.Embedding)), None)
-    if table is not None and table.padding_idx is not None:
+                  and isinstance(getattr(m, "padding_idx", None), int)), None)
+    if table is not None:
         return positions - table.padding_idx - 1
     return positions
 

@@ -17,6 +17,10 @@ TINY = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermed
 # Encoder-decoders name each stack's numbers: sized like TINY where the config has the key.
 TINY_STACKS = dict(encoder_layers=6, decoder_layers=6, encoder_attention_heads=4, decoder_attention_heads=4,
                    encoder_ffn_dim=96, decoder_ffn_dim=96, d_model=64, num_decoder_layers=6, d_ff=96, d_kv=16)
+# Mixture-of-experts sizes under their common names: a few small experts (the defaults build models
+# of 100-400M parameters, which take minutes to check).
+TINY_MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+                moe_k=2, moe_intermediate_size=32, shared_expert_intermediate_size=48, n_group=1, topk_group=1)
 # Types whose configs name these numbers differently (or not at all): EXTRA replaces TINY for them.
 OWN_NAMES = {"swin", "convnext", "whisper", "t5", "bart", "falcon"}
 
@@ -70,7 +74,7 @@ def tiny_config(model_type: str, **overrides):
     # Only the sizes this config knows: an unknown key would be stored as a stray attribute.
     default = CONFIG_MAPPING[model_type]()
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
-    base = {} if model_type in OWN_NAMES else {k: v for k, v in {**TINY, **TINY_STACKS}.items() if k in known}
+    base = {} if model_type in OWN_NAMES else {k: v for k, v in {**TINY, **TINY_STACKS, **TINY_MOE}.items() if k in known}
     kwargs = {**base, **EXTRA.get(model_type, {}), **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 

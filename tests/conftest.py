@@ -6,13 +6,21 @@ Each case is deliberately small (width 32-64, 3-4 layers) so the whole suite run
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
 
-import pytest
-import torch
-import transformers as tf
+# One thread per test process (and per subprocess a test starts): the suite runs as 2 workers on 2
+# cores, and tiny tensors on oversubscribed cores spin-wait. Measured: tests/test_conformance.py took
+# 44 s with one thread, and had not finished after 14 minutes with torch's default 2 threads while
+# another process kept the cores busy. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here; fail fast instead of retrying
 tf.logging.disable_progress_bar()
 

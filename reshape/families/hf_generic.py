@@ -32,18 +32,22 @@ from .hf import ConfigKeys, HFFamily
 
 # Attention projections by convention: (q, k, v) names, fused names, output names.
 SEPARATE_QKV = [("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
-                ("query_proj", "key_proj", "value_proj"), ("q", "k", "v"), ("wq", "wk", "wv")]
+                ("query_proj", "key_proj", "value_proj"), ("q", "k", "v"), ("wq", "wk", "wv"), ("Wq", "Wk", "Wv"),
+                ("project_q", "project_k", "project_v")]
 FUSED_QKV = ("qkv_proj", "qkv", "Wqkv", "c_attn", "query_key_value", "in_proj", "W_pack")
-OUT_NAMES = ("o_proj", "out_proj", "dense", "out_lin", "o", "c_proj", "Wo", "wo", "proj", "output.dense")
+OUT_NAMES = ("o_proj", "out_proj", "dense", "out_lin", "o", "c_proj", "Wo", "wo", "proj", "output.dense",
+             "attention_out", "projection_layer", "output")
 # MLP projections: (inputs, output); a gated MLP has two inputs of the same width.
 MLP_NAMES = [(("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("intermediate.dense",), "output.dense"),
              (("c_fc",), "c_proj"), (("fc_in",), "fc_out"), (("lin1",), "lin2"), (("dense_h_to_4h",), "dense_4h_to_h"),
-             (("wi",), "wo"), (("w1", "w3"), "w2"), (("ffn",), "ffn_output")]
-MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff", "ffn_hidden_size")
+             (("wi",), "wo"), (("w1", "w3"), "w2"), (("ffn",), "ffn_output"), (("w_in.w_0", "w_in.w_1"), "w_out"),
+             (("0",), "2")]  # the last: Sequential(Linear, activation, Linear), as in CTRL
+MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff", "ffn_hidden_size", "dff", "dim_ff")
 # Names of per-head tensors that a child head inherits from its parent head.
 PER_HEAD_HINTS = ("relative_attention_bias", "relative_position_bias_table", "temperature", "head_scale",
                   "sinks", "slope_rate")  # attention-sink logits (gpt-oss) and ALiBi-like slopes (MiniMax)
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"), ("query_layernorm", "key_layernorm"))
+GATE_NAMES = ("gate_proj", "g_proj")  # a gate on the attention's output features, inside the attention
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Declared:
     # Fused Q/K/V rows grouped per KV head as [q heads of the group, k, v] (per head when KV = heads).
     interleaved: bool = False
     mlp_ratio: int | None = None  # MLP width / hidden when the config stores no MLP width
+    fixed_heads: str = ""  # why the head count cannot change (a function that pairs or orders heads)
 
 
 DECLARED = {
@@ -60,6 +65,9 @@ DECLARED = {
     "bloom": Declared(interleaved=True, mlp_ratio=4),
     "deberta": Declared(interleaved=True),
     "falcon": Declared(interleaved=True),
+    # Differential attention subtracts one softmax map from another, and its lambdas are learnt over the
+    # head dim: neither a keep-width re-reading nor copied heads (checked: the outputs change) keep it.
+    "diffllama": Declared(fixed_heads="its differential attention pairs two softmax maps per head"),
 }
 
 
@@ -81,6 +89,10 @@ def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     """(in, out, conv1d) of a linear projection, or None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter) and weight.ndim == 2 and isinstance(getattr(module, "in_features", None), int) \
+            and weight.shape == (getattr(module, "out_features", None), module.in_features):
+        return module.in_features, module.out_features, False  # a Linear by another class (I-BERT's QuantLinear)
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2's [in, out] layout
         return module.weight.shape[0], module.nf, True
     return None
@@ -117,9 +129,10 @@ class Found:
     mlp_out: Proj | None = None
     mlp: int = 0
     per_head: list[tuple[str, int]] = field(default_factory=list)
-    head_norms: list[str] = field(default_factory=list)  # q/k norms over the head dim
+    head_norms: list[str] = field(default_factory=list)  # q/k norms and other tensors over the head dim
     width_norms: list[Proj] = field(default_factory=list)  # q/k norms over all heads
     moe: bool = False
+    gated: bool = False  # an output gate among attn_in
 
 
 def read_block(block: nn.Module, heads: int, kv_heads: int, hidden: int, mlp_width: int | None,
@@ -173,13 +186,11 @@ def _attention(root: nn.Module, parent: nn.Module, pname: str, heads: int, kv_he
 
 def _per_head_tensors(block: nn.Module, found: Found) -> None:
     q_prefix = found.attn_in[0].name.rsplit(".", 1)[0] + "." if "." in found.attn_in[0].name else ""
-    for name, p in block.named_parameters():
-        if any(h in name for h in PER_HEAD_HINTS) and found.heads in p.shape:
-            found.per_head.append((name, list(p.shape).index(found.heads)))
+    _output_gate(block, found, q_prefix)
     for q_name, k_name in QK_NORMS:
         for prefix in (q_prefix, ""):
             q, k = _child(block, prefix + q_name), _child(block, prefix + k_name)
-            if q is None or k is None:
+            if q is None or k is None or isinstance(q, nn.Identity):
                 continue
             q_size = sum(p.numel() for p in q.parameters(recurse=False))
             if q_size == found.head_dim or q_size == 0:
@@ -189,6 +200,37 @@ def _per_head_tensors(block: nn.Module, found: Found) -> None:
             else:  # e.g. one norm per head: neither rule applies
                 raise Unsupported(f"its q/k norm {prefix + q_name} has {q_size} parameters, neither the head dim "
                                   f"{found.head_dim} nor the attention width")
+            break
+        else:
+            continue
+        break
+    # Tensors of the attention itself beside its projections and norms: those with a heads axis are per
+    # head (sinks, bias tables, Nystromformer's per-head convolution, gate biases), and a child head
+    # inherits its parent's entry; tensors laid out over the head dim are learnt over it.
+    taken = {proj.name for proj in (*found.attn_in, found.attn_out, *found.width_norms)} | set(found.head_norms)
+    for name, p in block.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        inside = bool(q_prefix) and name.startswith(q_prefix) and module not in taken
+        if any(h in name for h in PER_HEAD_HINTS) and found.heads in p.shape:
+            found.per_head.append((name, list(p.shape).index(found.heads)))
+        elif inside and p.ndim and p.shape[-1] == found.head_dim and found.head_dim != found.heads:
+            found.head_norms.append(name)  # e.g. DiffLlama's lambdas, VITS' relative position embeddings
+        elif inside and found.heads in p.shape and found.heads not in (found.head_dim, found.heads * found.head_dim):
+            found.per_head.append((name, list(p.shape).index(found.heads)))
+    if len({axis for _, axis in found.per_head}) > 1:
+        raise Unsupported(f"its per-head tensors ({', '.join(n for n, _ in found.per_head)}) put their heads on "
+                          "different axes")
+
+
+def _output_gate(block: nn.Module, found: Found, q_prefix: str) -> None:
+    """A gate on each attention output feature inside the attention module (AFMoE's
+    sigmoid(gate_proj(x)) * attention): its rows follow the query heads'."""
+    for name in GATE_NAMES if q_prefix else ():  # at block level, gate_proj is the MLP's
+        module = _child(block, q_prefix + name)
+        dims = _linear_dims(module) if module is not None else None
+        if dims and dims[1] == found.heads * found.head_dim:
+            found.attn_in += (Proj(q_prefix + name, ("q",), conv1d=dims[2]),)
+            found.gated = True
             return
 
 
@@ -228,6 +270,8 @@ class GenericFamily(HFFamily):
         self.mlp_default = mlp_default
         self.outside: list[tuple[str, int]] = []  # per-head tensors outside the stack (name under base, axis)
         self.first_block_differs = ""  # a parameter that layer 0 lacks or alone has (ModernBERT's attn_norm)
+        self.outside_head_dim: list[str] = []  # tensors outside the stack over the head dim
+        self.fixed_heads = ""  # DECLARED: why the heads cannot change
 
     def shape(self, config) -> Shape:
         k = self.keys
@@ -240,9 +284,15 @@ class GenericFamily(HFFamily):
                      mlp=getattr(config, k.mlp, None) or self.mlp_default)
 
     def plan_problem(self, shape: Shape, plan) -> Problem | None:
-        if self.found.head_norms and plan.head_mode == "keep-width" and plan.heads != shape.heads:
+        if self.fixed_heads and plan.heads != shape.heads:
+            return Problem("heads", plan.heads, f"changes the head count, and {self.fixed_heads}",
+                           f"keep {shape.heads} heads (change only --depth)")
+        over_head_dim = self.found.head_norms + self.outside_head_dim
+        if over_head_dim and plan.head_mode == "keep-width" and plan.heads != shape.heads:
+            norms = all("norm" in name for name in over_head_dim)
             return Problem("heads", plan.heads, f"changes the head dim {shape.head_dim} in keep-width mode, and the "
-                           f"q/k norms ({', '.join(self.found.head_norms)}) are learnt over the head dim",
+                           f"{'q/k norms' if norms else 'tensors'} ({', '.join(over_head_dim)}) are laid out "
+                           "over the head dim",
                            f"pass --keep-head-dim, or keep {shape.heads} heads" if self.can_widen_attention
                            else f"keep {shape.heads} heads (its config cannot widen the attention either)")
         if self.first_block_differs and 0 not in plan.keep:
@@ -258,10 +308,7 @@ class GenericFamily(HFFamily):
             raise fail("model", f"model_type {config.model_type!r}", f"its config could not be rewritten "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})",
                        "open an issue at reshape's tracker with the model's config.json") from None
-        # Per-layer lists (layer_types, mlp_layer_types, Longformer's attention_window, ...) follow the kept layers.
-        for key, values in new.to_dict().items():
-            if isinstance(values, list) and len(values) == shape.layers > 1 and key not in ("layer_types", "architectures"):
-                setattr(new, key, [values[i] for i in plan.keep])
+        _follow_kept_layers(new, shape, plan, target_shape(shape, plan))
         if getattr(config, "attention_types", None) is not None and hasattr(config, "attention_layers"):
             # GPT-Neo stores its per-layer pattern compressed; write the kept layers out one by one.
             kinds = [config.attention_layers[i] for i in plan.keep]
@@ -275,6 +322,57 @@ class GenericFamily(HFFamily):
         base = model.base_model
         prefix = next((f"{name}." for name, m in model.named_modules() if m is base and name), "")
         return {prefix + name: axis for name, axis in self.outside}
+
+
+# Which layers are dense and which mixture-of-experts, said as "the first k are dense".
+DENSE_PREFIX_KEYS = ("first_k_dense_replace", "num_dense_layers")
+
+
+def _follow_kept_layers(new, shape: Shape, plan, target: Shape) -> None:
+    """Rewrite the config's per-layer facts for the kept layers, in place: per-layer lists (layer_types,
+    mlp_layer_types, Longformer's attention_window, per-layer head counts, ...), lists of layer indices
+    (moe_layers, mlp_only_layers) and counts of leading dense layers. A rule this misses shows up as
+    blocks that do not match their source, which the transfer refuses in one line."""
+    keep, layers = plan.keep, shape.layers
+    for key, values in new.to_dict().items():
+        if not isinstance(values, list) or key in ("layer_types", "architectures") or layers < 2:
+            continue
+        if key.endswith("layers") and _is_index_list(values, layers):
+            setattr(new, key, [at for at, old in enumerate(keep) if old in values])
+        elif len(values) == layers:
+            kept = [values[i] for i in keep]
+            if "heads" in key:  # per-layer head counts (Laguna) take the plan's, as the single count does
+                count = target.kv_heads if "key_value" in key or "kv" in key else target.heads
+                kept = [count] * len(kept)
+            setattr(new, key, kept)
+    for key in DENSE_PREFIX_KEYS:
+        if isinstance(getattr(new, key, None), int):
+            setattr(new, key, sum(old < getattr(new, key) for old in keep))
+    start, end = getattr(new, "moe_layer_start_index", None), getattr(new, "moe_layer_end_index", None)
+    if isinstance(start, int) and isinstance(end, int) and getattr(new, "moe_layer_interval", 1) == 1:
+        # ERNIE 4.5: layers start..end are mixture-of-experts (end may be -1: to the last layer)
+        end = layers - 1 if end < 0 else end
+        new.moe_layer_start_index = sum(old < start for old in keep)
+        new.moe_layer_end_index = sum(old <= end for old in keep) - 1
+
+
+def _is_index_list(values: list, layers: int) -> bool:
+    """Sorted distinct layer indices (e.g. moe_layers [1, 3, 5]), not a per-layer list of flags."""
+    return (all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            and values == sorted(set(values)) and all(0 <= v < layers for v in values)
+            and not (len(values) == layers and len(set(values)) == 1))
+
+
+def _tables(base: nn.Module):
+    """(name, tensor) of the saved tensors that are not a projection's or convolution's weights: the
+    place for position tables and other values laid out over a model dimension."""
+    for module_name, module in base.named_modules():
+        if _linear_dims(module) or isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        tensors = {**module._parameters, **{k: v for k, v in module._buffers.items()
+                                            if k not in module._non_persistent_buffers_set}}
+        yield from ((prefix + name, t) for name, t in tensors.items() if t is not None)
 
 
 def _keep_backbone_stages(config, keep) -> None:
@@ -353,12 +451,14 @@ def discover(config, cls=None) -> GenericFamily:
         for name, p in block.named_parameters():
             if any(h in name for h in PER_HEAD_HINTS) and heads in p.shape and name not in dict(found.per_head):
                 found.per_head.append((name, list(p.shape).index(heads)))
-    head_dim_key, head_dim_value = _config_value(config, "head_dim")
+    head_dim_key, head_dim_value = _config_value(config, "head_dim", "dim_head")
     if not isinstance(head_dim_value, int) or isinstance(getattr(type(config), "head_dim", None), property):
         head_dim_key = None
     elif head_dim_value != found.head_dim:
         raise Unsupported(f"its config's head_dim {head_dim_value} does not match its projections "
                           f"({found.head_dim} per head)")
+    if head_dim_key is None and not found.width_norms and _reads_added_head_dim(config, cls, found, kv_key, paths[0]):
+        head_dim_key = "head_dim"  # not in its config.json, but its modeling code reads one when given
     refuses = {}
     if found.moe:
         refuses["mlp"] = "would slice the experts of a mixture-of-experts MLP, which reshape copies unchanged"
@@ -371,7 +471,8 @@ def discover(config, cls=None) -> GenericFamily:
     outside = [(name, list(p.shape).index(heads)) for name, p in base.named_parameters()
                if not name.startswith(paths[0] + ".") and any(h in name for h in PER_HEAD_HINTS) and heads in p.shape]
     # The aware split fits the plain score form x^T Wq^T Wk x: nothing per head, no norms, no positions inside it.
-    plain_scores = not (found.per_head or outside or found.head_norms or found.width_norms or declared.interleaved
+    plain_scores = not (found.per_head or outside or found.head_norms or found.width_norms or found.gated
+                        or declared.interleaved
                         or _has_positional_attention(config, base))
     aware = plain_scores and not shared and kv == heads and base.main_input_name in ("input_ids", "pixel_values")
     weights = BlockWeights(attn_in=found.attn_in, attn_out=found.attn_out,
@@ -386,11 +487,17 @@ def discover(config, cls=None) -> GenericFamily:
                            can_widen_attention=head_dim_key is not None and not found.width_norms,
                            can_split_aware=aware, refuses=refuses, mlp_default=mlp_default)
     family.shared_layers = shared
+    family.fixed_heads = declared.fixed_heads
     blocks = base.get_submodule(paths[0])
     if len(blocks) > 1:
         first, second = ({n for n, _ in b.named_parameters()} for b in (blocks[0], blocks[1]))
         family.first_block_differs = ", ".join(sorted(first ^ second))
     family.outside = outside
+    # Tensors outside the stack laid out over the head dim (RoFormer's sinusoids, MLCD's class rotary
+    # angles): a keep-width head change would change their size.
+    family.outside_head_dim = [name for name, t in _tables(base)
+                               if not name.startswith(paths[0] + ".") and t.is_floating_point() and t.ndim <= 2
+                               and t.shape[-1] in (found.head_dim, found.head_dim // 2) and t.shape[-1] != hidden]
     return family
 
 
@@ -484,6 +591,23 @@ def discover_seq2seq(config, cls=None) -> Seq2SeqFamily:
     return Seq2SeqFamily(config.model_type, stacks, stack_keys, hidden_key, weights, _embeddings(base, stacks), found)
 
 
+def _reads_added_head_dim(config, cls, found: Found, kv_key: str | None, stack: str) -> bool:
+    """Whether the model's code reads a `head_dim` added to a config that has none (most decoders do,
+    through getattr(config, "head_dim", hidden // heads)): build it with twice the heads at the same head
+    dim and see. Its config.json then carries the key, so plain from_pretrained rebuilds the same model."""
+    probe = copy.deepcopy(config)
+    heads = config.num_attention_heads
+    try:
+        probe.num_attention_heads, probe.head_dim = 2 * heads, found.head_dim
+        if kv_key:
+            setattr(probe, kv_key, 2 * found.kv_heads)
+        block = _skeleton(probe, cls).get_submodule(stack)[0]
+        wide = read_block(block, 2 * heads, 2 * found.kv_heads, config.hidden_size, None, "the probe")
+    except Exception:  # a config or model that will not take it: no wider attention
+        return False
+    return wide.head_dim == found.head_dim
+
+
 def _has_positional_attention(config, base: nn.Module) -> bool:
     """Rotary, ALiBi or relative positions inside the attention scores: the aware split's score form
     x^T Wq^T Wk x does not describe them."""
@@ -533,8 +657,8 @@ COUNT_KEYS = ("num_attention_heads", "num_hidden_layers", "hidden_size")  # stan
 def _cached(config) -> GenericFamily:
     # The structure depends on the config only; a deep copy keeps the caller's config untouched.
     for name in COUNT_KEYS:  # a broken config is the source's fault: say so before the skeleton crashes on it
-        if getattr(config, name, None) is not None:
-            config_count(config, name)
+        if getattr(config, name, None) is not None and not isinstance(getattr(config, name), list | tuple):
+            config_count(config, name)  # (a list is per stage, as in Swin: discover says why that is refused)
     key = config.to_json_string(use_diff=False)
     if key not in _CACHE:
         try:
