@@ -49,22 +49,25 @@ def transfer_block(layer: dict[str, torch.Tensor], weights: BlockWeights, shape:
     'attention.self.query.weight'); `layer` is untouched. Streaming conversion (reshape/streaming.py)
     calls it once per block, `transfer_state` once per kept layer: one implementation for both."""
     layer = dict(layer)
+    # A block of another kind in a hybrid stack (LFM's convolutions, Qwen3-Next's linear attention) has
+    # no such projections: its weights stay as they are. load_into still checks every shape.
+    attention = not weights.attn_in or f"{weights.attn_in[0].name}.weight" in layer
     new_shape = target_shape(shape, plan)
     widen = plan.head_mode == "keep-head-dim" and plan.heads != shape.heads
-    if weights.interleaved:
+    if weights.interleaved and attention:
         _regroup(layer, weights, shape, to_groups=False)
-    if widen:
+    if widen and attention:
         widen_heads(layer, weights, shape, new_shape)
-    elif plan.head_split == "aware":
+    elif plan.head_split == "aware" and attention:
         aware_split(layer, weights, shape, plan.heads, input_cov)
-    if plan.mlp:
+    if plan.mlp and f"{weights.mlp_out.name}.weight" in layer:
         _keep_neurons(layer, weights, plan.mlp)
     if weights.per_head and plan.heads != shape.heads:
         parents = torch.tensor(parent_heads(shape, plan))
         for name in weights.per_head:
             if name in layer:  # T5 keeps its relative attention bias in the first block only
                 layer[name] = layer[name].index_select(weights.per_head_axis, parents)
-    if weights.interleaved:
+    if weights.interleaved and attention:
         _regroup(layer, weights, new_shape, to_groups=True)
     return layer
 

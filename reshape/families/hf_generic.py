@@ -36,7 +36,7 @@ SEPARATE_QKV = [("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_l
                 ("project_q", "project_k", "project_v")]
 FUSED_QKV = ("qkv_proj", "qkv", "Wqkv", "c_attn", "query_key_value", "in_proj", "W_pack")
 OUT_NAMES = ("o_proj", "out_proj", "dense", "out_lin", "o", "c_proj", "Wo", "wo", "proj", "output.dense",
-             "attention_out", "projection_layer", "output")
+             "attention_out", "projection_layer", "output_projection", "output")
 # MLP projections: (inputs, output); a gated MLP has two inputs of the same width.
 MLP_NAMES = [(("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("intermediate.dense",), "output.dense"),
              (("c_fc",), "c_proj"), (("fc_in",), "fc_out"), (("lin1",), "lin2"), (("dense_h_to_4h",), "dense_4h_to_h"),
@@ -438,13 +438,19 @@ def discover(config, cls=None) -> GenericFamily:
     mlp_key, mlp_value = _config_value(config, *MLP_KEYS)
     errors = []
     for path in paths:
-        try:
-            found = read_block(base.get_submodule(path)[0], heads, kv, hidden,
-                               mlp_value if isinstance(mlp_value, int) else None, f"{path}.0")
-            paths = [path]
-            break
-        except Unsupported as e:
-            errors.append(str(e))
+        # The first block with attention: in a hybrid stack, blocks of other kinds (convolutions,
+        # linear attention, state-space layers) come between them, and keep their own shapes.
+        for index, block in enumerate(base.get_submodule(path)):
+            try:
+                found = read_block(block, heads, kv, hidden, mlp_value if isinstance(mlp_value, int) else None,
+                                   f"{path}.{index}")
+                break
+            except Unsupported as e:
+                errors.append(str(e))
+        else:
+            continue
+        paths = [path]
+        break
     else:
         raise Unsupported(errors[0])
     for block in list(base.get_submodule(paths[0]))[1:]:  # hybrid stacks: per-head tensors of other kinds
