@@ -42,8 +42,18 @@ COVERED = {
     "clip_vision_model": "keep-width", "siglip_vision_model": "keep-width",
     "t5": "keep-width", "bart": "keep-width", "whisper": "keep-width",
     "gpt_oss": "keep-width", "longt5": "keep-width",  # beyond the 47: attention sinks; a local-attention encoder
+    # beyond the 47, one per rule of the generic adapter: a head_dim added to a config that has none
+    # (apertus); an attention output gate (afmoe); a per-head convolution (nystromformer); layer kinds
+    # that follow the kept layers (llama4_text, glm4_moe); a hybrid stack (lfm3); more names (ctrl,
+    # ibert, openai-gpt)
+    "apertus": "keep-head-dim", "afmoe": "keep-head-dim", "nystromformer": "keep-width",
+    "llama4_text": "keep-width", "glm4_moe": "keep-width", "lfm3": "keep-head-dim", "ctrl": "keep-width",
+    "ibert": "keep-width", "openai-gpt": "keep-width",
 }
-REFUSED = {"convnext": "no single num_attention_heads"}
+REFUSED = {"convnext": "no single num_attention_heads",
+           "diffllama": "heads=8: changes the head count, and its differential attention pairs",
+           "roformer": r"the tensors \(encoder.embed_positions.weight\) are laid out over the head dim",
+           "gpt_bigcode": "no Q/K/V projections found"}
 
 
 def output(model, inputs) -> torch.Tensor:
@@ -121,7 +131,9 @@ class TestConformance:
         if COVERED[model_type] == "keep-head-dim":
             pytest.skip("keep-width is refused for q/k norms over the head dim; keep-head-dim is checked below")
         plan = plan_of(model_type, model)
-        new = reshape.leaner(model, heads=plan["heads"], depth=plan["depth"], head_split="contiguous")
+        # uniform selection, as plan_for resolves it (decoders default to Block Influence, which may
+        # pick layers of another kind where a stack mixes dense and mixture-of-experts layers)
+        new = reshape.leaner(model, heads=plan["heads"], depth=plan["depth"], head_split="contiguous", select="uniform")
         resolved = reshape.pipeline.plan_for(find_family(model).spec(model), plan["heads"], plan["depth"])
         assert sum(p.numel() for p in new.parameters()) == expected_params(model, resolved)
 
@@ -173,7 +185,7 @@ def test_every_covered_type_reloads_with_plain_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
-def test_non_transformers_are_refused_in_one_line(model_type):
+def test_types_reshape_cannot_rebuild_are_refused_in_one_line(model_type):
     with pytest.raises(ReshapeError, match=REFUSED[model_type]) as e:
         reshape.leaner(tiny_model(model_type), heads=8)
     assert "\n" not in str(e.value)
@@ -316,3 +328,72 @@ def test_per_layer_config_follows_the_kept_layers(model_type):
     assert len(set(getattr(new.config, key))) == 2  # the tiny configs alternate two kinds
     inputs = tiny_inputs(model)
     assert output(new, inputs).shape == output(model, inputs).shape
+
+
+def same_kinds(model, new, keep) -> None:
+    """Each kept block is rebuilt as a block of its own kind (dense or mixture-of-experts, ...)."""
+    for new_index, old_index in enumerate(keep):
+        kind = {n for n, _ in find_family(model).layers(model)[old_index].named_parameters()}
+        assert {n for n, _ in find_family(new).layers(new)[new_index].named_parameters()} == kind, new_index
+
+
+@pytest.mark.parametrize("model_type,config,keep,expected", [
+    ("llama4_text", dict(moe_layers=[1, 3, 5]), [0, 1, 4, 5], dict(moe_layers=[1, 3])),
+    ("flint", dict(mlp_only_layers=[0, 3]), [1, 2, 3, 5], dict(mlp_only_layers=[2])),
+    ("glm4_moe", dict(first_k_dense_replace=2), [1, 2, 3, 5], dict(first_k_dense_replace=1)),
+    ("ernie4_5_moe", dict(moe_layer_start_index=2, moe_layer_end_index=4), [0, 1, 3, 5],
+     dict(moe_layer_start_index=2, moe_layer_end_index=2)),
+    ("laguna", dict(mlp_layer_types=["dense", "dense", "sparse", "sparse", "sparse", "sparse"]), [0, 2, 3, 5],
+     dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"], num_attention_heads_per_layer=[8] * 4)),
+])
+def test_layer_kinds_follow_the_kept_layers(model_type, config, keep, expected):
+    """Which layers are dense and which mixture-of-experts, said as index lists, leading counts, ranges
+    or per-layer lists (head counts too): the rebuilt model's layers are the kept layers' kinds."""
+    model = tiny_model(model_type, **config)
+    new = reshape.leaner(model, heads=8, keep=keep, keep_head_dim=bool(find_family(model).found.head_norms))
+    for key, value in expected.items():
+        assert getattr(new.config, key) == value, key
+    same_kinds(model, new, keep)
+
+
+def test_an_attention_output_gate_follows_the_query_heads():
+    model = tiny_model("afmoe")  # sigmoid(gate_proj(x)) scales each attention output feature
+    wide = reshape.leaner(model, heads=8, depth=6, keep_head_dim=True)
+    sources = reshape.plan.head_sources(find_family(model).shape(model.config), 8)
+    rows = torch.cat([torch.arange(16) + 16 * h for h in sources])
+    gate = "layers.0.self_attn.gate_proj.weight"
+    assert torch.equal(wide.state_dict()[gate], model.state_dict()[gate][rows])
+    inputs = tiny_inputs(model)
+    torch.testing.assert_close(output(wide, inputs), output(model, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_a_per_head_convolution_follows_its_parent_heads():
+    model = tiny_model("nystromformer")  # a depthwise convolution over each head's values
+    new = reshape.leaner(model, heads=8, keep=[0, 5], head_split="contiguous")
+    for new_index, old_index in enumerate([0, 5]):
+        key = "encoder.layer.{}.attention.self.conv.weight"
+        before, after = model.state_dict()[key.format(old_index)], new.state_dict()[key.format(new_index)]
+        assert after.shape[0] == 8 and torch.equal(after, before[[j // 2 for j in range(8)]])
+
+
+def test_a_config_without_head_dim_gets_one_where_its_code_reads_it():
+    model = tiny_model("apertus")
+    assert "head_dim" not in model.config.to_dict()
+    wide = reshape.leaner(model, heads=8, depth=4, keep_head_dim=True)
+    assert wide.config.to_dict()["head_dim"] == 16  # saved in config.json, so from_pretrained rebuilds it
+    assert wide.state_dict()["layers.0.self_attn.q_proj.weight"].shape == (128, 64)
+    # A model whose code ignores an added head_dim cannot widen: refused, not built wrong.
+    with pytest.raises(ReshapeError, match="config cannot express an attention width different"):
+        reshape.leaner(tiny_model("mlcd_vision_model"), heads=8, depth=4, keep_head_dim=True)
+
+
+def test_blocks_of_another_kind_in_a_hybrid_stack_keep_their_weights():
+    model = tiny_model("lfm3")  # convolution blocks between attention blocks
+    kinds = model.config.layer_types
+    new = reshape.leaner(model, heads=8, keep=[0, 2, 3, 5], keep_head_dim=True)
+    assert new.config.layer_types == [kinds[i] for i in (0, 2, 3, 5)]
+    same_kinds(model, new, [0, 2, 3, 5])
+    for new_index, old_index in enumerate([0, 2, 3, 5]):
+        if kinds[old_index] == "conv":
+            for name, tensor in model.layers[old_index].state_dict().items():
+                assert torch.equal(new.layers[new_index].state_dict()[name], tensor), name

@@ -356,6 +356,16 @@ def _follow_kept_layers(new, shape: Shape, plan, target: Shape) -> None:
         new.moe_layer_end_index = sum(old <= end for old in keep) - 1
 
 
+def _says_layer_kinds(config) -> bool:
+    """Whether the config names which layers are dense and which mixture-of-experts."""
+    data = config.to_dict()
+    layers = config.num_hidden_layers
+    return (any(isinstance(data.get(key), int) for key in (*DENSE_PREFIX_KEYS, "moe_layer_start_index"))
+            or isinstance(data.get("mlp_layer_types"), list)
+            or any(key.endswith("layers") and isinstance(v, list) and v and _is_index_list(v, layers)
+                   for key, v in data.items()))
+
+
 def _is_index_list(values: list, layers: int) -> bool:
     """Sorted distinct layer indices (e.g. moe_layers [1, 3, 5]), not a per-layer list of flags."""
     return (all(isinstance(v, int) and not isinstance(v, bool) for v in values)
@@ -494,10 +504,12 @@ def discover(config, cls=None) -> GenericFamily:
                            can_split_aware=aware, refuses=refuses, mlp_default=mlp_default)
     family.shared_layers = shared
     family.fixed_heads = declared.fixed_heads
-    blocks = base.get_submodule(paths[0])
-    if len(blocks) > 1:
-        first, second = ({n for n, _ in b.named_parameters()} for b in (blocks[0], blocks[1]))
-        family.first_block_differs = ", ".join(sorted(first ^ second))
+    # A first block unlike every other (ModernBERT's has no attention norm) cannot be replaced, unless
+    # the config says which layers are of which kind (first_k_dense_replace, ...): then the rebuilt
+    # config follows the kept layers instead.
+    kinds = [frozenset(n for n, _ in block.named_parameters()) for block in base.get_submodule(paths[0])]
+    if len(kinds) > 1 and kinds[0] not in kinds[1:] and not _says_layer_kinds(config):
+        family.first_block_differs = ", ".join(sorted(kinds[0] ^ kinds[1]))
     family.outside = outside
     # Tensors outside the stack laid out over the head dim (RoFormer's sinusoids, MLCD's class rotary
     # angles): a keep-width head change would change their size.
