@@ -48,7 +48,7 @@ COVERED = {
     # ibert, openai-gpt)
     "apertus": "keep-head-dim", "afmoe": "keep-head-dim", "nystromformer": "keep-width",
     "llama4_text": "keep-width", "glm4_moe": "keep-width", "lfm3": "keep-head-dim", "ctrl": "keep-width",
-    "ibert": "keep-width", "openai-gpt": "keep-width",
+    "ibert": "keep-width", "openai-gpt": "keep-width", "led": "keep-width",
 }
 REFUSED = {"convnext": "no single num_attention_heads",
            "diffllama": "heads=8: changes the head count, and its differential attention pairs",
@@ -397,3 +397,12 @@ def test_blocks_of_another_kind_in_a_hybrid_stack_keep_their_weights():
         if kinds[old_index] == "conv":
             for name, tensor in model.layers[old_index].state_dict().items():
                 assert torch.equal(new.layers[new_index].state_dict()[name], tensor), name
+
+
+def test_an_encoder_decoders_per_layer_lists_follow_their_stacks_kept_layers():
+    model = tiny_model("led", attention_window=[2, 4, 6, 8, 10, 12])  # one window per encoder layer
+    new = reshape.leaner(model, heads=[8, 8], depth=[3, 6])
+    keep = reshape.select_layers(6, 3, "uniform")
+    assert new.config.attention_window == [model.config.attention_window[i] for i in keep]
+    inputs = tiny_inputs(model)
+    assert output(new, inputs).shape == output(model, inputs).shape

@@ -579,6 +579,11 @@ class Seq2SeqFamily(GenericFamily):
             setattr(new, heads_key, stage.heads)
         if hasattr(new, "d_kv"):  # T5 states its head dim
             new.d_kv = target_shape(shape.stages[0], plan.stages[0]).head_dim
+        # Per-layer lists follow their stack's kept layers (LED's attention_window: one per encoder layer).
+        for key, values in new.to_dict().items():
+            stage = 1 if "decoder" in key else 0
+            if isinstance(values, list) and len(values) == shape.stages[stage].layers > 1 and key != "architectures":
+                setattr(new, key, [values[i] for i in plan.stages[stage].keep])
         return new
 
 
