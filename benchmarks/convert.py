@@ -14,6 +14,13 @@ SRC -o OUT --heads 64 --depth 15 --select uniform` against `from_pretrained(dtyp
 RSS from the OS (os.wait4), above that of a process that only imports torch, transformers and reshape.
 
     python benchmarks/convert.py --shape tinyllama [--repeats 2] [--json]
+
+`--shape llama-7b` writes a random-weight LLaMA-7B shape (32 layers, hidden 4096, 32 heads, 32 KV heads,
+MLP 11008, vocab 32000, bf16, 5 GB shards; about 13.5 GB on disk, plus the 9.3 GB output) and runs the
+streamed `reshape convert SRC -o OUT --heads 64 --depth 22 --select uniform` once, as a whole process.
+Target: peak RSS under 2 GB. No floor here: from_pretrained would need about 14 GB of RAM.
+
+    python benchmarks/convert.py --shape llama-7b
 """
 
 from __future__ import annotations
@@ -141,12 +148,18 @@ PROGRAMS = {  # each run is one fresh process; {src} and {out} are filled in
     "floor": [sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
               "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto').save_pretrained(sys.argv[2])",
               "{src}", "{out}"],
-    "convert": [*RESHAPE, "convert", "{src}", "-o", "{out}", "--heads", "64", "--depth", "15", "--select", "uniform",
+    "convert": [*RESHAPE, "convert", "{src}", "-o", "{out}", "--heads", "64", "--depth", "{depth}", "--select", "uniform",
                 "--quiet"],
 }
 
 
-def make_tinyllama(folder: str, shard_size: str = "1GB") -> None:
+LLAMA_7B = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096)
+LLAMA_7B_DISK = 24e9  # 13.5 GB source and 9.3 GB output
+LLAMA_7B_PEAK_MIB = 2048
+
+
+def make_tinyllama(folder: str, shard_size: str = "1GB", shape: dict = TINYLLAMA) -> None:
     """Write the checkpoint shard by shard: a 1 GB shard of random bf16 tensors is the most held at once,
     never the model (its tensor names and shapes come from a skeleton on the meta device)."""
     import torch
@@ -156,7 +169,7 @@ def make_tinyllama(folder: str, shard_size: str = "1GB") -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
-    config = LlamaConfig(**TINYLLAMA, dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(**shape, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with init_empty_weights():
         model = LlamaForCausalLM(config)
     meta = {name: t.to(torch.bfloat16) for name, t in model.state_dict().items()}
@@ -174,11 +187,11 @@ def make_tinyllama(folder: str, shard_size: str = "1GB") -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def run_process(task: str, src: Path, out: Path) -> dict:
+def run_process(task: str, src: Path, out: Path, depth: int = 15) -> dict:
     """One whole process: wall-clock seconds and its own peak RSS (os.wait4 reports the child's rusage;
     this driver imports no torch, so the child does not inherit a large high-water mark)."""
     shutil.rmtree(out, ignore_errors=True)
-    argv = [a.format(src=src, out=out) for a in PROGRAMS[task]]
+    argv = [a.format(src=src, out=out, depth=depth) for a in PROGRAMS[task]]
     start = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = process.stderr.read()
@@ -227,11 +240,35 @@ def report_tinyllama(n: dict) -> str:
     ])
 
 
+def measure_llama_7b() -> dict:
+    with tempfile.TemporaryDirectory(prefix="reshape-bench-") as tmp:
+        tmp = Path(tmp)
+        free = shutil.disk_usage(tmp).free
+        if free < LLAMA_7B_DISK:
+            sys.exit(f"{tmp} has {free / 1e9:.1f} GB free; the LLaMA-7B benchmark needs {LLAMA_7B_DISK / 1e9:.0f} GB "
+                     "(set TMPDIR to a folder on a larger disk)")
+        (tmp / "src").mkdir()
+        subprocess.run([sys.executable, __file__, "--child", "llama-7b", str(tmp / "src"), "-"], check=True)
+        source_gb = sum(p.stat().st_size for p in (tmp / "src").iterdir()) / 1e9
+        baseline = run_process("baseline", tmp / "src", tmp / "out")["peak_mib"]
+        convert = run_process("convert", tmp / "src", tmp / "out", depth=22)
+    return {"shape": "llama-7b", "source_gb": round(source_gb, 2), "baseline_peak_mib": round(baseline),
+            "convert_seconds": round(convert["seconds"], 1), "convert_peak_mib": round(convert["peak_mib"]),
+            "peak_pass": convert["peak_mib"] < LLAMA_7B_PEAK_MIB}
+
+
+def report_llama_7b(n: dict) -> str:
+    return (f"LLaMA-7B shape, random bf16, {n['source_gb']:.2f} GB in 5 GB shards -> 64 heads, 22 layers (streamed), "
+            f"one whole process: {n['convert_seconds']:.1f} s, peak RSS {n['convert_peak_mib']} MiB (the import "
+            f"baseline alone {n['baseline_peak_mib']} MiB; target < {LLAMA_7B_PEAK_MIB} MiB) "
+            f"{'PASS' if n['peak_pass'] else 'FAIL'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=["bert-base", "tinyllama"], default="bert-base",
+    parser.add_argument("--shape", choices=["bert-base", "tinyllama", "llama-7b"], default="bert-base",
                         help="bert-base: reshape.convert in-process against the floor; tinyllama: the streamed "
-                             "CLI conversion of a 1.1B decoder, whole processes")
+                             "CLI conversion of a 1.1B decoder, whole processes; llama-7b: its peak memory on a 7B")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default: 3 for bert-base, 2 for tinyllama)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--child", nargs=3, metavar=("TASK", "SRC", "OUT"), help=argparse.SUPPRESS)
@@ -239,7 +276,13 @@ def main() -> None:
     if args.child:
         if args.child[0] == "tinyllama":
             return make_tinyllama(args.child[1])
+        if args.child[0] == "llama-7b":
+            return make_tinyllama(args.child[1], "5GB", LLAMA_7B)
         return child(*args.child)
+    if args.shape == "llama-7b":
+        numbers = measure_llama_7b()
+        print(json.dumps(numbers, indent=2) if args.json else report_llama_7b(numbers))
+        return
     if args.shape == "tinyllama":
         numbers = measure_tinyllama(args.repeats or 2)
         print(json.dumps(numbers, indent=2) if args.json else report_tinyllama(numbers))

@@ -8,11 +8,13 @@ tokens. A block that barely turns its input contributes little and is the first 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .errors import ReshapeError
 from .inputs import whole_model
 
 METRICS = ("block-influence", "angular")
@@ -56,3 +58,13 @@ def most_important(scores: list[float], depth: int) -> tuple[int, ...]:
     """The `depth` highest-scoring layers, in model order."""
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
     return tuple(sorted(ranked[:depth]))
+
+
+def keep_most_important(family, shape, plan, scores: list[float]):
+    """`plan` keeping the highest-scoring layers, checked by the family's rules as a listed --keep is
+    (ModernBERT's first layer cannot be dropped): one line, not a rebuilt model that does not fit."""
+    plan = replace(plan, keep=most_important(scores, plan.depth))
+    problem = family.plan_problem(shape, plan)
+    if problem:
+        raise ReshapeError([problem])
+    return plan

@@ -21,7 +21,7 @@ from .card import write_card
 from .errors import Problem, ReshapeError, fail
 from .families import FAMILIES, ModelSpec, find_family
 from .headsplit import attention_input_covariances
-from .importance import layer_scores, most_important
+from .importance import keep_most_important, layer_scores
 from .inputs import random_inputs
 from .output import locked, output_problems, space_problems, staged, weight_bytes
 from .plan import Plan, legal_heads, parent_heads
@@ -63,8 +63,8 @@ def leaner(model: nn.Module, heads: int | None = None, depth: int | None = None,
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     plan = plan_for(spec, heads, depth, preset_for(name, name_or_path=name), **options)
     if by_importance(spec, options):
-        plan = replace(plan, keep=most_important(layer_scores(model, spec.family.layers(model),
-                                                              calib or random_inputs(model)), plan.depth))
+        scores = layer_scores(model, spec.family.layers(model), calib or random_inputs(model))
+        plan = keep_most_important(spec.family, spec.family.shape(spec.config), plan, scores)
     covs = _input_covariances(model, spec, plan, calib)
     new, _ = rebuild(model, spec, plan, seed=seed, share_weights=False, input_covs=covs)
     return new
@@ -209,7 +209,7 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             if importance:
                 with step(f"Scoring layers on {calib or 'random tokens'}"):
                     scores = layer_scores(model, family.layers(model), batches or random_inputs(model))
-                    plan = replace(plan, keep=most_important(scores, plan.depth))
+                    plan = keep_most_important(family, family.shape(src.spec.config), plan, scores)
             with step(f"Rebuilding: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"):
                 covs = _input_covariances(model, src.spec, plan, batches)
                 new, new_spec = rebuild(model, src.spec, plan, seed=seed, share_weights=True, input_covs=covs)

@@ -32,7 +32,7 @@ from .families import ModelSpec
 from .families.base import Family
 from .families.hf import HFFamily
 from .headsplit import attention_input_covariances
-from .importance import layer_scores, most_important
+from .importance import keep_most_important, layer_scores
 from .inputs import random_inputs
 from .plan import Plan, parent_heads
 from .source import Source
@@ -147,7 +147,7 @@ class Conversion:
         keeps the highest-scoring layers. Raises NotBlockwise when the model's loop cannot be replayed."""
         model, layers, runner = self._runner()
         scores = layer_scores(model, layers, batches or random_inputs(model), run=runner)
-        plan = replace(self.plan, keep=most_important(scores, self.plan.depth))
+        plan = keep_most_important(self.family, self.shape, self.plan, scores)
         new = skeleton(ModelSpec(self.family, self.family.new_config(self.spec.config, self.shape, plan),
                                  self.spec.cls), self.dtype)
         if set(_sources(self.checkpoint, self.prefix, layer_plan(self.family, plan).keep,

@@ -15,6 +15,7 @@ import copy
 import json
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -282,6 +283,10 @@ def test_a_first_block_unlike_the_others_must_be_kept():
     # ModernBERT's layer 0 has no attention norm (the embeddings end in one): no later layer can replace it.
     with pytest.raises(ReshapeError, match="keep=1,2,5: drops layer 0, whose block differs .*attn_norm"):
         reshape.leaner(tiny_model("modernbert"), heads=8, keep=[1, 2, 5])
+    # Layers picked by importance obey the same rule (scores that rank layer 0 last).
+    with mock.patch("reshape.pipeline.layer_scores", return_value=[0.0, 1, 2, 3, 4, 5]), \
+            pytest.raises(ReshapeError, match="keep=1,2,3,4,5: drops layer 0, whose block differs"):
+        reshape.leaner(tiny_model("modernbert"), heads=8, depth=5, select="importance")
 
 
 @pytest.mark.parametrize("model_type,key", [("gpt_neox", "layers.{}.attention.query_key_value.weight"),
