@@ -13,8 +13,9 @@ import logging
 import pytest
 import torch
 import transformers as tf
-from test_streaming import assert_same_folder, in_memory, source, streamed
 from typer.testing import CliRunner
+
+from helpers.streaming import assert_same_folder, in_memory, source, streamed
 
 import reshape
 import reshape.blockwise

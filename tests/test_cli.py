@@ -8,7 +8,6 @@ Each subprocess pays the torch/transformers import (5-10 s here), so cases share
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,44 +16,12 @@ from pathlib import Path
 import pytest
 import transformers as tf
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",  # Hub lookups fail at once instead of retrying
-    "TRANSFORMERS_OFFLINE": "1",
-    "COLUMNS": "1000",  # rich must not wrap tables or messages (long tmp paths included)
-    "NO_COLOR": "1",
-    "PYTHONWARNINGS": "ignore",
-}
-MODULE = [sys.executable, "-m", "reshape.cli"]
+from helpers.cli_subprocess import assert_ok, assert_refused, run_cli
+
+pytestmark = pytest.mark.integration  # every test runs a real subprocess; `slow` marks those over ~5 s alone
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def run_cli(*args, command=MODULE) -> subprocess.CompletedProcess:
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300)
-
-
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert not error_lines(result), result.stderr
-
-
-def assert_refused(result: subprocess.CompletedProcess, *problems: tuple[str, object, list[str]]) -> None:
-    """Exit code 2 and exactly these problems, in order: (field, value, fragments of reason and fix)."""
-    assert result.returncode == 2, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = error_lines(result)
-    assert len(lines) == len(problems), result.stderr
-    for line, (field, value, fragments) in zip(lines, problems):
-        assert line.startswith(f"error: {field}={value}: "), line
-        assert "; " in line, f"no fix after the reason: {line}"
-        for fragment in fragments:
-            assert fragment in line, f"{fragment!r} not in {line!r}"
-
 
 def leftovers(parent: Path) -> list[str]:
     """Staging or backup folders that a run left next to its OUT."""
@@ -112,6 +79,7 @@ def out(tmp_path) -> Path:
 
 # --- happy paths ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, heads, keep, head_dim", [
     pytest.param("bert", ["--heads", 8, "--depth", 2], 8, [0, 3], 8, id="bert"),
     pytest.param("gpt2", ["--heads", 8, "--depth", 3, "--select", "uniform"], 8, [0, 2, 3], 8, id="gpt2"),
@@ -133,6 +101,7 @@ def test_convert_json(models, out, name, args, heads, keep, head_dim):
     assert model.config.num_hidden_layers == len(keep)
 
 
+@pytest.mark.slow
 def test_console_script_convert_prints_table(models, out):
     script = shutil.which("reshape")
     if script is None:
@@ -145,6 +114,7 @@ def test_console_script_convert_prints_table(models, out):
     assert_model_folder(out)
 
 
+@pytest.mark.slow
 def test_inspect_table(models):
     result = run_cli("inspect", models["bert"], "--heads", 8, "--depth", 2)
     assert_ok(result)
@@ -153,6 +123,7 @@ def test_inspect_table(models):
     assert "Kept layers: [0, 3]" in result.stdout
 
 
+@pytest.mark.slow
 def test_inspect_json(models):
     result = run_cli("inspect", models["llama"], "--heads", 8, "--depth", 2, "--json")
     assert_ok(result)
@@ -171,6 +142,7 @@ def test_inspect_json(models):
     assert uniform["plan"]["keep"] == [0, 3] and uniform["result"] == report["result"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, heads, head_dim", [
     pytest.param(["--heads", 2, "--allow-fewer-heads"], 2, 32, id="fewer-heads-allowed"),
     pytest.param(["--heads", 16, "--force"], 16, 4, id="small-head-dim-forced"),
@@ -212,6 +184,7 @@ REFUSED_PLANS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, field, value, fragments", REFUSED_PLANS)
 def test_refused_plan(models, out, name, args, field, value, fragments):
     result = run_cli("convert", models[name], "--out", out, *args)
@@ -219,6 +192,7 @@ def test_refused_plan(models, out, name, args, field, value, fragments):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_several_problems_reported_together(models, out):
     result = run_cli("convert", models["bert"], "--out", out, "--heads", 5, "--depth", 0)
     assert_refused(
@@ -262,6 +236,7 @@ def _remote_code(models, tmp_path) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_source, fragments", [
     pytest.param(lambda models, tmp_path: "bert-bse",
                  ["not a local folder, an alias or a reachable Hub repo", "did you mean bert-base",
@@ -289,6 +264,7 @@ def occupied_out(out) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_non_empty_out_refused(models, occupied_out):
     result = run_cli("convert", models["bert"], "--out", occupied_out, "--heads", 8, "--depth", 2)
     assert_refused(result, ("out", occupied_out, ["is not empty", "pass --overwrite"]))
@@ -297,6 +273,7 @@ def test_non_empty_out_refused(models, occupied_out):
     assert sorted(p.name for p in occupied_out.parent.iterdir()) == [occupied_out.name]
 
 
+@pytest.mark.slow
 def test_non_empty_out_replaced_with_overwrite(models, occupied_out):
     result = run_cli("convert", models["bert"], "--out", occupied_out, "--heads", 8, "--depth", 2, "--overwrite",
                      "--quiet")
@@ -307,6 +284,7 @@ def test_non_empty_out_replaced_with_overwrite(models, occupied_out):
     assert sorted(p.name for p in occupied_out.parent.iterdir()) == [occupied_out.name]
 
 
+@pytest.mark.slow
 def test_out_inside_the_source_folder_is_refused(models, tmp_path):
     source = Path(shutil.copytree(models["bert"], tmp_path / "bert-copy"))
     before = sorted(p.name for p in source.iterdir())

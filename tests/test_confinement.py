@@ -21,14 +21,13 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
+from helpers.cases import bert_config, timm_vit
+
 import reshape
-from conftest import bert_config, timm_vit
 from reshape.card import build_card
 from reshape.errors import ReshapeError
 from reshape.source import load_timm_folder
 from reshape.train.tasks import TASKS, load_model as load_task_model
-
-sys.path.insert(0, str(Path(__file__).parent))  # fx_models, for the fx path's factory
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -50,7 +49,7 @@ def bert(tmp_path) -> Path:
 def gpt(tmp_path) -> Path:
     """An fx-path output folder: model.safetensors, code.py and reshape.json."""
     folder = tmp_path / "gpt"
-    reshape.convert("fx_models:gpt", folder, heads=4, depth=3, trust_remote_code=True)
+    reshape.convert("helpers.fx_models:gpt", folder, heads=4, depth=3, trust_remote_code=True)
     return folder
 
 
@@ -187,6 +186,8 @@ def test_a_pickle_is_refused_with_a_conversion_that_works(bert, no_unpickling, m
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_convert_refuses_a_pickle_through_the_cli(bert, tmp_path):
     """The CLI prints the same refusal on one line and exits 2, with nothing written."""
     to_pickle(bert)

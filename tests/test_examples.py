@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import ENV
+
+from helpers.cli_subprocess import ENV
 
 from reshape.train.data import FASHION_MNIST
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each example runs in its own process, 14-37 s
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

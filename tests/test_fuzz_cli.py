@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from cli_in_process import invoke, left_behind, tiny_project
+from helpers.cli_in_process import invoke, left_behind, tiny_project
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, by_id, case_params, first_output
+
+from helpers.cases import CASES, by_id, case_params, first_output
 
 import reshape
 from reshape.errors import ReshapeError

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).parent.parent / "reshape"
 
 
@@ -88,6 +90,7 @@ def test_the_cycle_finder_finds_one():
     assert "reshape.train.finetune" in edges["reshape.cli"]  # imported inside a command
 
 
+@pytest.mark.integration
 def test_help_imports_neither_torch_nor_transformers():
     code = ("import sys, runpy; sys.argv = ['reshape', '--help']\n"
             "try:\n    runpy.run_module('reshape.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"

@@ -49,6 +49,7 @@ def embed(model, folder) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
+@pytest.mark.slow
 def test_readme_main_job_converts_minilm(tmp_path):
     """`reshape convert minilm --heads 24 --depth 4 -o OUT`, then a plain-transformers load of OUT."""
     out = tmp_path / "minilm-leaner"

@@ -106,6 +106,8 @@ def test_commands_that_write_in_place_hold_the_lock_for_the_whole_run(tmp_path, 
             run[command]()  # refused before it looks at its (missing) model or data
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_converts_at_once_give_one_folder_and_one_clear_refusal(source, tmp_path):
     """Two real `reshape convert` processes to one new OUT. Each waits in its save until the test says go,
     so the second always arrives while the first holds OUT: before the lock, both wrote and both said

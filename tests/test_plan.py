@@ -93,29 +93,3 @@ def test_head_sources_stay_in_their_kv_group():
     mha = Shape(layers=2, heads=4, kv_heads=4, head_dim=8, hidden=32, mlp=64)
     assert head_sources(mha, 6) == [0, 0, 1, 2, 2, 3]
     assert head_sources(mha, 4) == [0, 1, 2, 3]
-
-
-def test_decoders_pick_layers_by_importance_by_default_and_encoders_spread_evenly():
-    import torch
-
-    import reshape
-    from reshape.importance import layer_scores, most_important
-    from reshape.inputs import random_inputs
-    from reshape.pipeline import default_select
-    from reshape.source import spec_of
-    from reshape.testing import tiny_config, tiny_model
-
-    for model_type, kind in (("llama", "importance"), ("qwen3", "importance"), ("gpt2", "importance"),
-                             ("bert", "uniform"), ("t5", "uniform"), ("vit", "uniform")):
-        spec = spec_of(tiny_config(model_type))
-        assert default_select(spec.family, spec.config) == kind, model_type
-    model = tiny_model("llama")
-    with torch.no_grad():
-        scores = layer_scores(model, model.layers, random_inputs(model))
-    new = reshape.leaner(model, depth=4)  # no --select: Block Influence on random tokens
-    kept = most_important(scores, 4)
-    assert kept != (0, 2, 3, 5)  # not the even spread, for this model
-    for new_index, old_index in enumerate(kept):
-        assert torch.equal(new.layers[new_index].mlp.up_proj.weight, model.layers[old_index].mlp.up_proj.weight)
-    even = reshape.leaner(model, depth=4, select="uniform")  # asked for: honoured
-    assert torch.equal(even.layers[1].mlp.up_proj.weight, model.layers[2].mlp.up_proj.weight)

@@ -459,6 +459,8 @@ def run_cli(env: dict, *args) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_push_to_a_private_branch(hub, student, tmp_path):
     env = cli_env(hub, tmp_path / "home")
     done = run_cli(env, "push", student, "--repo", REPO, "--private", "--revision", "dev",
@@ -487,6 +489,8 @@ def test_cli_refusal_exits_2_with_one_line(hub, student, monkeypatch):
     assert hub.requests == []
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_convert_push_to_hub(hub, folders, tmp_path):
     out = tmp_path / "converted"
     done = run_cli(cli_env(hub, tmp_path / "home"), "convert", folders / "teacher", "-o", out, "--heads", 4,

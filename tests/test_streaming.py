@@ -16,13 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from helpers.streaming import assert_same_folder, in_memory, source, streamed, tensors
+
 import reshape
 import reshape.pipeline
 import reshape.streaming
 from reshape.cli import app
 from reshape.pipeline import by_importance, plan_for
 from reshape.source import open_source
-from reshape.testing import tiny_config, tiny_model
 
 # (model type, head class, dtype, convert options): each family's layout rule once, with the variants
 # that touch the weights differently (keep-head-dim, --mlp, --keep/--select, tied heads, GQA, fused Q/K/V).
@@ -43,51 +44,6 @@ CASES = {
     "mpnet-shared-bias": ("mpnet", None, torch.float32, dict(heads=8, depth=4, head_split="contiguous")),
     "albert-shared-layer": ("albert", None, torch.float32, dict(heads=8, depth=4, head_split="contiguous")),
 }
-SHARD = "40KB"  # the tiny models are 0.1-0.7 MB: 3 shards or more each
-
-
-def source(tmp_path: Path, model_type: str, head=None, dtype=torch.float32, shard=SHARD) -> Path:
-    if head is None:
-        model = tiny_model(model_type)
-    else:
-        torch.manual_seed(0)
-        model = head(tiny_config(model_type))
-    folder = tmp_path / f"{model_type}-source"
-    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
-    return folder
-
-
-def in_memory(monkeypatch, *args, **kwargs) -> dict:
-    with monkeypatch.context() as m:
-        m.setattr(reshape.pipeline, "streaming_conversion", lambda *a, **k: None)
-        return reshape.convert(*args, **kwargs)
-
-
-def streamed(monkeypatch, *args, **kwargs) -> dict:
-    with monkeypatch.context() as m:  # a streamed run never loads the model
-        m.setattr(reshape.pipeline, "load_model", lambda *a: pytest.fail("loaded the whole model"))
-        return reshape.convert(*args, **kwargs)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            out.update({key: f.get_tensor(key) for key in f.keys()})
-    return out
-
-
-def assert_same_folder(a: Path, b: Path) -> None:
-    x, y = tensors(a), tensors(b)
-    assert x.keys() == y.keys()
-    for key in x:
-        assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
-    for name in ("config.json", "generation_config.json"):
-        assert (a / name).is_file() == (b / name).is_file(), name
-        if (a / name).is_file():
-            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
-    recipe = [json.loads((f / "reshape.json").read_text()) for f in (a, b)]
-    assert recipe[0] == recipe[1]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -75,6 +75,8 @@ def test_sweep_refuses_bad_plans_and_other_settings_before_training(setup, tmp_p
               task="seq-cls", budget=1)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_sweep(setup, tmp_path):
     done = subprocess.run([sys.executable, "-m", "reshape.cli", "sweep", str(setup / "model"), "--heads", "4",
                            "--depth", "1", "--data", str(setup / "reviews.csv"), "--task", "seq-cls", "--budget", "1",

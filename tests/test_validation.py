@@ -12,8 +12,9 @@ import pytest
 import torch
 import transformers as tf
 
+from helpers.cli_in_process import POSITIONS, WORDS, invoke, left_behind, tiny_project
+
 import reshape
-from cli_in_process import POSITIONS, WORDS, invoke, left_behind, tiny_project
 from reshape.errors import ReshapeError
 from reshape.train.distill import distill
 from reshape.train.finetune import evaluate, finetune

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES, by_id, case_params, first_output
 from safetensors.torch import load_file, save_file
+
+from helpers.cases import CASES, by_id, case_params, first_output
 
 import reshape
 from reshape.errors import ReshapeError
@@ -238,6 +239,7 @@ def save_source(model, folder: Path) -> None:
         save_for_hf(model, folder, safe_serialization=True)
 
 
+@pytest.mark.slow
 def test_saved_folders_load_without_reshape_and_match(tmp_path):
     jobs, expected = [], {}
     for case in CASES:

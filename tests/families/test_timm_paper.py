@@ -13,8 +13,9 @@ import json
 import pytest
 import timm
 import torch
-from test_cli import ENV, assert_ok, assert_refused, run_cli  # noqa: F401  (ENV: offline subprocesses)
 from torch import nn
+
+from helpers.cli_subprocess import ENV, assert_ok, assert_refused, run_cli  # noqa: F401  (ENV: offline subprocesses)
 
 import reshape
 from reshape.errors import ReshapeError
@@ -282,6 +283,7 @@ def test_distilled_deit_counts_its_distillation_token_as_an_embedding():
                                                            model.cls_token, model.dist_token))
 
 
+@pytest.mark.slow
 def test_davit_convert_writes_a_staged_recipe_and_a_timm_folder_and_reports(tmp_path):
     model = make(davit)
     family = find_family(model)
@@ -338,6 +340,8 @@ def test_convert_from_an_architecture_name_is_refused_and_writes_nothing(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_inspect_reproduces_davit_large_and_refuses_a_wrong_stage_count():
     done = run_cli("inspect", "davit_large", "--depth", "1,1,5,1", "--json")
     assert_ok(done)

@@ -1,7 +1,7 @@
 """The torch.fx path: modules no adapter claims, rewritten as graphs (reshape/fx/).
 
 Covered: torch.nn.TransformerEncoder (nn.MultiheadAttention), a nanoGPT-style GPT and a hand-written
-ViT (tests/fx_models.py), and timm's PiT and ViT-RelPos (a learned per-head bias: each new head adds
+ViT (tests/helpers/fx_models.py), and timm's PiT and ViT-RelPos (a learned per-head bias: each new head adds
 its parent's), which no adapter claims. For each: a no-op
 rewrite reproduces the eager outputs, a depth-only rewrite equals the eager model running only the
 kept blocks, and doubled heads equal the same attention class built with twice the heads and given
@@ -26,14 +26,13 @@ import torch
 from safetensors.torch import load_model
 from torch import nn
 
+from helpers import fx_models as M
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.fx.rewrite import params
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fx_models as M  # noqa: E402
-
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # on the CLI subprocess's PYTHONPATH, for helpers.fx_models
 
 
 @dataclass
@@ -184,7 +183,7 @@ def test_softmax_scale_follows_the_new_head_dim():
 
 @torch.no_grad()
 def test_saved_folder_loads_back(tmp_path):
-    recipe = reshape.convert("fx_models:gpt", tmp_path / "gpt", heads=4, depth=3, trust_remote_code=True)
+    recipe = reshape.convert("helpers.fx_models:gpt", tmp_path / "gpt", heads=4, depth=3, trust_remote_code=True)
     assert recipe["path"] == "fx" and recipe["plan"]["keep"] == [0, 2, 3]
     assert recipe["shape"]["heads"] == 4 and recipe["shape"]["head_dim"] == 8
     assert sorted(os.listdir(tmp_path / "gpt")) == ["code.py", "model.safetensors", "reshape.json"]
@@ -194,7 +193,7 @@ def test_saved_folder_loads_back(tmp_path):
     independent = M.GPT(n_head=4, n_layer=3).eval()  # the class built with the new numbers, same weights
     load_model(independent, tmp_path / "gpt" / "model.safetensors")
     close(loaded(_ids()), independent(_ids()))
-    with pytest.raises(ReshapeError, match=r"^model=fx_models:gpt: is a factory.*--trust-remote-code"):
+    with pytest.raises(ReshapeError, match=r"^model=helpers\.fx_models:gpt: is a factory.*--trust-remote-code"):
         reshape.load(tmp_path / "gpt")
 
 
@@ -281,7 +280,7 @@ def test_keep_width_with_grouped_kv_scales_the_kv_heads_too():
 
 @torch.no_grad()
 def test_keep_head_dim_saved_folder_loads_back(tmp_path):
-    recipe = reshape.convert("fx_models:gpt_seeded", tmp_path / "gpt", heads=4, depth=3, keep_head_dim=True,
+    recipe = reshape.convert("helpers.fx_models:gpt_seeded", tmp_path / "gpt", heads=4, depth=3, keep_head_dim=True,
                              trust_remote_code=True)
     assert recipe == json.loads((tmp_path / "gpt" / "reshape.json").read_text())
     assert recipe["plan"]["head_mode"] == "keep-head-dim" and recipe["plan"]["keep"] == [0, 2, 3]
@@ -298,7 +297,7 @@ def test_keep_head_dim_saved_folder_loads_back(tmp_path):
 
 def test_keep_head_dim_refusals_write_nothing(tmp_path):
     with pytest.raises(ReshapeError) as e:
-        reshape.convert("fx_models:encoder", tmp_path / "out", heads=4, keep_head_dim=True, trust_remote_code=True)
+        reshape.convert("helpers.fx_models:encoder", tmp_path / "out", heads=4, keep_head_dim=True, trust_remote_code=True)
     assert _one_line(e, "keep_head_dim=True: cannot widen block encoder.layers.0: its attention is an "
                         "nn.MultiheadAttention").endswith("; drop --keep-head-dim to keep the width")
     assert list(tmp_path.iterdir()) == []
@@ -395,7 +394,8 @@ def test_head_counts_the_attention_cannot_take(case_id, kwargs, start, fragment)
 
 
 def test_refusals_write_nothing(tmp_path):
-    for source, kwargs in [("fx_models:gpt", {"heads": 3, "trust_remote_code": True}), ("fx_models:gpt", {})]:
+    for source, kwargs in [("helpers.fx_models:gpt", {"heads": 3, "trust_remote_code": True}),
+                           ("helpers.fx_models:gpt", {})]:
         with pytest.raises(ReshapeError):
             reshape.convert(source, tmp_path / "out", **kwargs)
     assert list(tmp_path.iterdir()) == []
@@ -412,8 +412,9 @@ def _cli(*args):
     return run
 
 
+@pytest.mark.integration
 def test_cli_reaches_the_fx_path(tmp_path):
-    run = _cli("convert", "fx_models:vit", "--heads", "4", "--depth", "3", "-o", str(tmp_path / "vit"),
+    run = _cli("convert", "helpers.fx_models:vit", "--heads", "4", "--depth", "3", "-o", str(tmp_path / "vit"),
                "--trust-remote-code", "--json")
     recipe = json.loads(run.stdout)
     assert recipe["path"] == "fx" and recipe["plan"]["keep"] == [0, 2, 3]
@@ -425,8 +426,9 @@ def test_cli_reaches_the_fx_path(tmp_path):
         close(loaded(_image(16)()), independent(_image(16)()))
 
 
+@pytest.mark.integration
 def test_cli_keep_head_dim(tmp_path):
-    run = _cli("convert", "fx_models:vit_seeded", "--heads", "4", "--depth", "3", "--keep-head-dim",
+    run = _cli("convert", "helpers.fx_models:vit_seeded", "--heads", "4", "--depth", "3", "--keep-head-dim",
                "-o", str(tmp_path / "vit"), "--trust-remote-code", "--json")
     recipe = json.loads(run.stdout)
     assert recipe["plan"]["head_mode"] == "keep-head-dim" and recipe["plan"]["keep"] == [0, 2, 3]

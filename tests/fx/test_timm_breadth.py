@@ -12,20 +12,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 import torch.fx as fx
 from torch import nn
 
+from helpers import fx_models as M
+
 import reshape
 from reshape.errors import ReshapeError
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fx_models as M  # noqa: E402
 
 
 def close(a, b, atol=1e-5):
@@ -56,7 +53,7 @@ def test_a_run_that_starts_partway_keeps_the_blocks_before_it(tmp_path):
     by_hand.blocks = nn.Sequential(by_hand.blocks[0], by_hand.blocks[1], by_hand.blocks[4])
     close(new(x), by_hand(x), atol=1e-6)
     assert sorted(new.state_dict()) == sorted(by_hand.state_dict())  # blocks.0 kept, the run from blocks.1
-    reshape.convert("fx_models:partial_seeded", tmp_path / "out", heads=4, depth=2, trust_remote_code=True)
+    reshape.convert("helpers.fx_models:partial_seeded", tmp_path / "out", heads=4, depth=2, trust_remote_code=True)
     loaded = reshape.load(tmp_path / "out", trust_remote_code=True)
     close(loaded(x), reshape.leaner(M.partial_seeded(), heads=4, depth=2)(x), atol=0)
 
@@ -118,7 +115,7 @@ def test_beit_new_heads_inherit_their_parents_relative_position_bias():
     wrong.load_state_dict({k: v[:, [1, 1, 0, 0]] if k.endswith("relative_position_bias_table") else v
                            for k, v in model.state_dict().items()})
     assert not torch.allclose(new(x), wrong(x), atol=1e-3)
-    # (a head count that is not a multiple is refused: tests/test_fx.py, the ViT-RelPos case)
+    # (a head count that is not a multiple is refused: tests/fx/test_fx.py, the ViT-RelPos case)
 
 
 @torch.no_grad()

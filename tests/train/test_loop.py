@@ -330,6 +330,8 @@ def tiny_task(tmp_path_factory):
     return root / "bert", root / "reviews.csv"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_kill_9_at_a_random_step_then_resume_finishes_with_the_uninterrupted_weights(tiny_task, tmp_path):
     from safetensors.torch import load_file
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from conftest import bert_config, gpt2_config, llama_config, text_inputs
+
+from helpers.cases import bert_config, gpt2_config, llama_config, text_inputs
 
 import reshape
 from reshape.errors import ReshapeError

@@ -117,6 +117,7 @@ def test_log_kappa_records_each_layer_at_every_evaluation(folders, tmp_path):
     assert len(evals) == 2 and all(len(e["kappa"]) == 3 and min(e["kappa"]) >= 1 for e in evals)
 
 
+@pytest.mark.slow
 def test_lora_adapters_are_merged_into_a_plain_model(folders, tmp_path):
     out = tmp_path / "lora"
     finetune(folders / "student", out, task="seq-cls", data=str(folders / "reviews.csv"), label_column="positive",
@@ -300,6 +301,8 @@ def cli(*args):
                           env=env)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_finetune_then_eval(folders, tmp_path):
     out = tmp_path / "ft"
     done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
@@ -318,6 +321,8 @@ def test_cli_finetune_then_eval(folders, tmp_path):
         "validation, test"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_bad_training_input(folders, tmp_path):
     done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
                "--label-column", "mood", "-o", tmp_path / "out")
@@ -331,6 +336,8 @@ def test_cli_bad_training_input(folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_distill_and_resume_of_another_run(folders, tmp_path):
     out = tmp_path / "distilled"
     args = ["distill", "--teacher", folders / "teacher", "--student", folders / "student", "--data",
@@ -342,6 +349,8 @@ def test_cli_distill_and_resume_of_another_run(folders, tmp_path):
     assert "is a checkpoint of a different run" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_cpu_processes_under_accelerate_launch(folders, tmp_path):
     """The same command under `accelerate launch`: DDP over two CPU processes (gloo)."""
     out = tmp_path / "ddp"
