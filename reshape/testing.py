@@ -1,6 +1,6 @@
 """Tiny random models of any transformers model type, built in code and offline.
 
-Shared by the conformance suite (tests/test_conformance.py) and the coverage table
+Shared by the conformance suite (tests/families/test_conformance.py) and the coverage table
 (scripts/coverage.py), so both judge the same models. Like transformers' own testing utilities,
 this module is for tests and tools, not for conversions.
 """

@@ -219,7 +219,7 @@ a no-op plan reproduces the outputs and doubled heads with two thirds of the dep
 q/k norms over the head dim forbid keep-width). *refused*: a one-line reason. *crash*: a bug. *excluded*:
 outside the denominator (multimodal wrappers, models with per-stage or no head counts, types whose tiny model
 cannot be built from the shared sizes in `reshape.testing`), with the reason. The 47 popular types are also checked, with plain-transformers
-reloads, by `tests/test_conformance.py`.
+reloads, by `tests/families/test_conformance.py`.
 
 **{summary}**
 
