@@ -29,7 +29,7 @@ from ..stages import refuse_stages
 from .data import label_names, load_data, text_lengths
 from .losses import (DistillWeights, attention_relation_loss, capture_qkv, check_hidden_kind, check_relation_heads,
                      combine, hidden_loss, layer_map, logit_kl, pooled_cosine)
-from .loop import TrainConfig, is_main_process, train
+from .loop import TrainConfig, full_state_dict, is_main_process, start, train
 from .tasks import TASKS, Task, collator, get_task, score
 from .tasks import load_model as load_task_model
 
@@ -156,6 +156,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     run = {"teacher": teacher, "student": str(student), "data": data, "task": task, "weights": asdict(weights),
            "relation_heads": relation_heads,
            "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
+    start(config)  # a launch accelerate would not honour is refused here, before OUT changes
     if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
         shutil.rmtree(out, ignore_errors=True)
     summary = train(student_model, loss_fn, dataset["train"], collate, out, config,
@@ -166,8 +167,9 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
               "temperature": temperature, "config": asdict(config), **summary}
     if task is not None:
         result["head_from_teacher"] = head
+    weights = full_state_dict(student_model)  # every process: under FSDP2 it gathers the shards
     if is_main_process():
-        student_model.save_pretrained(out)
+        student_model.save_pretrained(out, state_dict=weights)
         copy_extra_files(student, out)
         (out / "reshape.json").write_text(json.dumps({**(recipe or {}), "distillation": result}, indent=2) + "\n")
         write_card(out, student)

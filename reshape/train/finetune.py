@@ -19,7 +19,7 @@ from ..source import local_model, open_source
 from ..output import locks_out, output_problems, umask_modes
 from .data import DEFAULT_VALIDATION_RATIO, SPLITS, label_names, load_data, text_lengths
 from .losses import mean_pool
-from .loop import TrainConfig, is_main_process, train
+from .loop import TrainConfig, full_state_dict, is_main_process, start, train
 from .tasks import collator, get_task, load_model, preprocessor, score
 
 
@@ -53,6 +53,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     validation, test = dataset["validation"], dataset["test"]
     run = {"model": str(model), "task": task, "data": data, "max_length": max_length, "lora": lora,
            "validation_ratio": validation_ratio}
+    start(config)  # a launch accelerate would not honour is refused here, before OUT changes
     if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
         shutil.rmtree(out, ignore_errors=True)
     summary = train(net, lambda m, batch: (m(**batch).loss, {}), dataset["train"], collate, out, config,
@@ -64,8 +65,9 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     result = {"task": task, "data": data, "model": str(model), "lora": lora, "config": asdict(config),
               "train_examples": len(dataset["train"]), "validation_examples": len(validation),
               "test_examples": len(test), **summary}
+    weights = full_state_dict(net)  # every process: under FSDP2 it gathers the shards
     if is_main_process():
-        net.save_pretrained(out)
+        net.save_pretrained(out, **({} if weights is None else {"state_dict": weights}))
         processor.save_pretrained(out)
         (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
         write_card(out, model)

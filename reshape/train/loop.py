@@ -3,7 +3,8 @@
 The caller gives a loss function and, optionally, an evaluation function; the loop owns the rest:
 mixed precision where the hardware supports it, gradient accumulation, evaluation every N steps,
 best and last checkpoints, exact resume, a rich progress bar and a JSON-lines metrics log. It runs
-unchanged under `accelerate launch` (DDP, FSDP): accelerate shards the data and syncs gradients.
+unchanged under `accelerate launch` (DDP, FSDP2): accelerate shards the data and syncs gradients, and
+under FSDP2 the student's weights, gradients and optimizer state too (see start and full_state_dict).
 
 Resume is exact because everything that decides the next step is restored: weights, optimizer,
 scheduler and RNG states (accelerate's save_state), and the data order, which a seedable sampler
@@ -31,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, send_to_device, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
@@ -112,11 +113,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     """
     out = Path(out)
     set_seed(config.seed)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(config.mixed_precision),
-        gradient_accumulation_steps=config.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
+    accelerator = start(config)
     # A generator of its own: starting an epoch's iterator must not draw from the global RNG that
     # dropout uses, or a resumed run (which starts its epoch at a different moment) would drift.
     generator = torch.Generator().manual_seed(config.seed)
@@ -129,6 +126,10 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     else:
         loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, collate_fn=list,
                             generator=generator)
+    # Prepared first: under `accelerate launch` each process reads its own share of the batches, so an
+    # epoch is as many optimizer steps as one process has batches (counting them all made --epochs 1
+    # train N epochs on N processes, and a resume skip batches that one process never had).
+    loader = accelerator.prepare(loader)
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     if config.min_steps and not config.max_steps and total < config.min_steps:  # whole epochs up to the minimum
@@ -138,7 +139,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
     optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
     # Linear warm-up from 0 (the first step's rate is 0; Adam's moments still start there), then linear decay.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     fingerprint = config.fingerprint(run or {})
     checkpoints = out / "checkpoints"
@@ -204,7 +205,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
                     if accelerator.sync_gradients and config.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    # Once per optimizer step, whatever the number of processes: the schedule counts optimizer
+                    # steps (accelerate's default steps it once per process, which ended the linear decay
+                    # of an N-process run after 1/N of its steps).
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad()
                 samples += _batch_size(batch) * accelerator.num_processes
                 running.append(loss.detach().float().item())
@@ -216,7 +221,12 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
                 bar.update(task, completed=state["step"], loss=f"{sum(running) / len(running):.4f}",
                            speed=f"{speed:.1f}")
                 if state["step"] % config.log_every == 0 or state["step"] == total:
-                    log({"loss": sum(running) / len(running), **parts, "lr": scheduler.get_last_lr()[0],
+                    # The mean over every process's batches (each process sees its own): the loss of the
+                    # global batch, as one process with all of them would log it.
+                    mean = sum(running) / len(running)
+                    if accelerator.num_processes > 1:
+                        mean = float(accelerator.reduce(torch.tensor([mean], device=accelerator.device), "mean"))
+                    log({"loss": mean, **parts, "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": speed, "epoch": epoch})
                     running = []
                 evaluated = bool(eval_every) and state["step"] % eval_every == 0
@@ -255,8 +265,61 @@ def train(model: nn.Module, loss_fn: LossFn, data: Dataset, collate: Callable, o
         with torch.no_grad():
             test = {**test_fn(model), "step": (state["best"] or state)["step"]}
         log({"test": test})
+    if accelerator.is_fsdp2:  # FSDP2 leaves the root's weights gathered after a forward: shard them back, or
+        from torch.distributed.fsdp import FSDPModule  # changing them in place (a LoRA merge) would change a copy
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
     return {"steps": state["step"], "stopped_early": state["step"] < planned, "validation": state["best"], "last_validation": state["last_eval"],
             "test": test, "fingerprint": fingerprint, "processes": accelerator.num_processes}
+
+
+def start(config: TrainConfig) -> Accelerator:
+    """The Accelerator that `train` runs on, refused when `accelerate launch` would not do what it was asked.
+    Callers may start it before `train` (same config) to be refused before they change anything: finetune
+    and distill do, once their models are loaded and before anything under OUT changes."""
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.grad_accum,
+        step_scheduler_with_optimizer=False,  # train steps it once per optimizer step
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    # Both silent in accelerate 1.15 (docs/guides/recover.md, "Many processes"): FSDP's launcher drops a
+    # config's use_cpu, so on a machine without a GPU every process runs alone, and on CPU processes
+    # (ACCELERATE_USE_CPU) accelerate turns FSDP on for accelerators only, so the model is replicated (DDP).
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise fail("WORLD_SIZE", world, "processes were started, but accelerate runs each alone (no GPU found, "
+                   "CPU not requested): each would train the whole run and write the same output folder",
+                   "on CPU, set ACCELERATE_USE_CPU=1 in the environment (accelerate's FSDP launcher ignores "
+                   "use_cpu in the config); or launch on GPUs")
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp_asked and accelerator.distributed_type is not DistributedType.FSDP:
+        raise fail("distributed_type", "FSDP", f"is ignored by accelerate on {accelerator.distributed_type.value} "
+                   "(it shards on GPUs and other accelerators only): every process would hold the whole model",
+                   "launch on GPUs, or on CPU drop FSDP and run DDP: ACCELERATE_USE_CPU=1 accelerate launch "
+                   "--multi_gpu --num_processes N -m reshape.cli ...")
+    if accelerator.distributed_type is DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise fail("fsdp_version", accelerator.state.fsdp_plugin.fsdp_version, "is not supported: reshape trains "
+                   "and saves under FSDP2 only", "set fsdp_version: 2 in the accelerate config")
+    return accelerator
+
+
+def full_state_dict(model: nn.Module) -> dict | None:
+    """The trained weights whole, for save_pretrained(state_dict=...): under FSDP2 every process holds a
+    shard of each weight, so every process must call this (it gathers); the first gets the full state dict
+    on CPU, the others an empty one. None when the model is not sharded: save_pretrained reads it as it is.
+
+    Every process loads the models in full before `train` shards the student, so accelerate's
+    cpu_ram_efficient_loading saves no memory here (and the teacher, never sharded, loads whole on each)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def is_main_process() -> bool:

@@ -28,7 +28,9 @@ class TimmClassifier(nn.Module):
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
-    def save_pretrained(self, out) -> None:
+    def save_pretrained(self, out, state_dict: dict | None = None) -> None:
+        """`state_dict`: this wrapper's weights gathered from FSDP2 shards (loop.full_state_dict), written
+        in place of the model's own, which are shards."""
         from timm.models import save_for_hf
 
         from ..families import find_family
@@ -36,7 +38,22 @@ class TimmClassifier(nn.Module):
         extra = find_family(self.model).extra_config(self.model)  # e.g. a wide XCiT's attention head dim
         if self.label_names:
             extra["label_names"] = self.label_names
-        save_for_hf(self.model, out, model_config=extra or None, safe_serialization=True)
+        model = self.model if state_dict is None else _WithWeights(self.model, {
+            k.removeprefix("model."): v for k, v in state_dict.items()})
+        save_for_hf(model, out, model_config=extra or None, safe_serialization=True)
+
+
+class _WithWeights:
+    """The timm model as save_for_hf reads it (its config attributes), with other weights."""
+
+    def __init__(self, model: nn.Module, weights: dict):
+        self._model, self._weights = model, weights
+
+    def state_dict(self) -> dict:
+        return self._weights
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def load_classifier(path, label_names: list[str] | None) -> TimmClassifier:
