@@ -206,16 +206,21 @@ def run_process(task: str, src: Path, out: Path, depth: int = 15) -> dict:
     return {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024}  # KiB on Linux
 
 
+def write_source(tmp: Path, shape: str, disk_needed: float) -> float:
+    """Check the free disk, write the random checkpoint to tmp/src in a child process; its size in GB."""
+    free = shutil.disk_usage(tmp).free
+    if free < disk_needed:
+        sys.exit(f"{tmp} has {free / 1e9:.1f} GB free; the {shape} benchmark needs {disk_needed / 1e9:.1f} GB "
+                 "(set TMPDIR to a folder on a larger disk)")
+    (tmp / "src").mkdir()
+    subprocess.run([sys.executable, __file__, "--child", shape, str(tmp / "src"), "-"], check=True)
+    return sum(p.stat().st_size for p in (tmp / "src").iterdir()) / 1e9
+
+
 def measure_tinyllama(repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="reshape-bench-") as tmp:
         tmp = Path(tmp)
-        free = shutil.disk_usage(tmp).free
-        if free < DISK_NEEDED:
-            sys.exit(f"{tmp} has {free / 1e9:.1f} GB free; the TinyLlama benchmark needs {DISK_NEEDED / 1e9:.1f} GB "
-                     "(set TMPDIR to a folder on a larger disk)")
-        (tmp / "src").mkdir()
-        subprocess.run([sys.executable, __file__, "--child", "tinyllama", str(tmp / "src"), "-"], check=True)
-        source_gb = sum(p.stat().st_size for p in (tmp / "src").iterdir()) / 1e9
+        source_gb = write_source(tmp, "tinyllama", DISK_NEEDED)
         baseline = max(run_process("baseline", tmp / "src", tmp / "out")["peak_mib"] for _ in range(repeats))
         runs = {"floor": [], "convert": []}
         for _ in range(repeats):  # alternating, so drift in machine load hits both alike
@@ -243,13 +248,7 @@ def report_tinyllama(n: dict) -> str:
 def measure_llama_7b() -> dict:
     with tempfile.TemporaryDirectory(prefix="reshape-bench-") as tmp:
         tmp = Path(tmp)
-        free = shutil.disk_usage(tmp).free
-        if free < LLAMA_7B_DISK:
-            sys.exit(f"{tmp} has {free / 1e9:.1f} GB free; the LLaMA-7B benchmark needs {LLAMA_7B_DISK / 1e9:.0f} GB "
-                     "(set TMPDIR to a folder on a larger disk)")
-        (tmp / "src").mkdir()
-        subprocess.run([sys.executable, __file__, "--child", "llama-7b", str(tmp / "src"), "-"], check=True)
-        source_gb = sum(p.stat().st_size for p in (tmp / "src").iterdir()) / 1e9
+        source_gb = write_source(tmp, "llama-7b", LLAMA_7B_DISK)
         baseline = run_process("baseline", tmp / "src", tmp / "out")["peak_mib"]
         convert = run_process("convert", tmp / "src", tmp / "out", depth=22)
     return {"shape": "llama-7b", "source_gb": round(source_gb, 2), "baseline_peak_mib": round(baseline),
