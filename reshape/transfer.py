@@ -52,13 +52,13 @@ def transfer_block(layer: dict[str, torch.Tensor], weights: BlockWeights, shape:
     # A block of another kind in a hybrid stack (LFM's convolutions, Qwen3-Next's linear attention) has
     # no such projections: its weights stay as they are. load_into still checks every shape.
     attention = not weights.attn_in or f"{weights.attn_in[0].name}.weight" in layer
+    regroup = weights.interleaved and attention
     new_shape = target_shape(shape, plan)
-    widen = plan.head_mode == "keep-head-dim" and plan.heads != shape.heads
-    if weights.interleaved and attention:
+    if regroup:
         _regroup(layer, weights, shape, to_groups=False)
-    if widen and attention:
+    if attention and plan.head_mode == "keep-head-dim" and plan.heads != shape.heads:
         widen_heads(layer, weights, shape, new_shape)
-    elif plan.head_split == "aware" and attention:
+    elif attention and plan.head_split == "aware":
         aware_split(layer, weights, shape, plan.heads, input_cov)
     if plan.mlp and f"{weights.mlp_out.name}.weight" in layer:
         _keep_neurons(layer, weights, plan.mlp)
@@ -67,7 +67,7 @@ def transfer_block(layer: dict[str, torch.Tensor], weights: BlockWeights, shape:
         for name in weights.per_head:
             if name in layer:  # T5 keeps its relative attention bias in the first block only
                 layer[name] = layer[name].index_select(weights.per_head_axis, parents)
-    if weights.interleaved and attention:
+    if regroup:
         _regroup(layer, weights, new_shape, to_groups=True)
     return layer
 

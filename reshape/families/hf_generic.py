@@ -187,23 +187,7 @@ def _attention(root: nn.Module, parent: nn.Module, pname: str, heads: int, kv_he
 def _per_head_tensors(block: nn.Module, found: Found) -> None:
     q_prefix = found.attn_in[0].name.rsplit(".", 1)[0] + "." if "." in found.attn_in[0].name else ""
     _output_gate(block, found, q_prefix)
-    for q_name, k_name in QK_NORMS:
-        for prefix in (q_prefix, ""):
-            q, k = _child(block, prefix + q_name), _child(block, prefix + k_name)
-            if q is None or k is None or isinstance(q, nn.Identity):
-                continue
-            q_size = sum(p.numel() for p in q.parameters(recurse=False))
-            if q_size == found.head_dim or q_size == 0:
-                found.head_norms += [prefix + q_name, prefix + k_name]
-            elif q_size == found.heads * found.head_dim:
-                found.width_norms += [Proj(prefix + q_name, ("q",)), Proj(prefix + k_name, ("k",))]
-            else:  # e.g. one norm per head: neither rule applies
-                raise Unsupported(f"its q/k norm {prefix + q_name} has {q_size} parameters, neither the head dim "
-                                  f"{found.head_dim} nor the attention width")
-            break
-        else:
-            continue
-        break
+    _qk_norms(block, found, q_prefix)
     # Tensors of the attention itself beside its projections and norms: those with a heads axis are per
     # head (sinks, bias tables, Nystromformer's per-head convolution, gate biases), and a child head
     # inherits its parent's entry; tensors laid out over the head dim are learnt over it.
@@ -220,6 +204,24 @@ def _per_head_tensors(block: nn.Module, found: Found) -> None:
     if len({axis for _, axis in found.per_head}) > 1:
         raise Unsupported(f"its per-head tensors ({', '.join(n for n, _ in found.per_head)}) put their heads on "
                           "different axes")
+
+
+def _qk_norms(block: nn.Module, found: Found, q_prefix: str) -> None:
+    """The first pair of q/k norms: over the head dim (or without weights), or over all heads' width."""
+    for q_name, k_name in QK_NORMS:
+        for prefix in (q_prefix, ""):
+            q, k = _child(block, prefix + q_name), _child(block, prefix + k_name)
+            if q is None or k is None or isinstance(q, nn.Identity):
+                continue
+            q_size = sum(p.numel() for p in q.parameters(recurse=False))
+            if q_size == found.head_dim or q_size == 0:
+                found.head_norms += [prefix + q_name, prefix + k_name]
+            elif q_size == found.heads * found.head_dim:
+                found.width_norms += [Proj(prefix + q_name, ("q",)), Proj(prefix + k_name, ("k",))]
+            else:  # e.g. one norm per head: neither rule applies
+                raise Unsupported(f"its q/k norm {prefix + q_name} has {q_size} parameters, neither the head dim "
+                                  f"{found.head_dim} nor the attention width")
+            return
 
 
 def _output_gate(block: nn.Module, found: Found, q_prefix: str) -> None:
