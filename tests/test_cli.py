@@ -1,8 +1,9 @@
-"""The `reshape` command end to end: real subprocesses, real exit codes, real files.
+"""The `reshape` command end to end: real exit codes, real stdout and stderr, real files.
 
 Every refusal must exit with code 2, print one `error: field=value: reason; fix` line per problem on
 stderr (no traceback), and leave nothing behind: no OUT and no hidden `.OUT.reshape-*` sibling (temporary folder, lock).
-Each subprocess pays the torch/transformers import (5-10 s here), so cases share runs where they can.
+The command runs in this process (helpers.cli_in_process: a subprocess pays 5-10 s of imports per run);
+tests/test_cli_smoke.py runs each command once as a real process, the console script included.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 import pytest
 import transformers as tf
 
-from helpers.cli_subprocess import assert_ok, assert_refused, run_cli
-
-pytestmark = pytest.mark.integration  # every test runs a real subprocess; `slow` marks those over ~5 s alone
+from helpers.cli_in_process import invoke as run_cli
+from helpers.cli_in_process import tiny_models
+from helpers.cli_subprocess import assert_ok, assert_refused
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -44,29 +45,10 @@ def assert_model_folder(out: Path) -> dict:
 
 # --- fixtures ------------------------------------------------------------------------------------
 
-def _save(model, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny BERT (4 heads, width 64), GPT-2 (4 heads, width 64) and GQA Llama (4 heads, 2 KV heads)."""
-    import torch
-
-    tf.logging.set_verbosity_error()
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    return {
-        "bert": _save(tf.BertForSequenceClassification(tf.BertConfig(
-            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=100,
-            num_labels=2)), root / "bert"),
-        "gpt2": _save(tf.GPT2LMHeadModel(tf.GPT2Config(
-            n_embd=64, n_layer=4, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)), root / "gpt2"),
-        "llama": _save(tf.LlamaForCausalLM(tf.LlamaConfig(
-            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, vocab_size=100)), root / "llama"),
-    }
+    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture
@@ -79,7 +61,6 @@ def out(tmp_path) -> Path:
 
 # --- happy paths ---------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, args, heads, keep, head_dim", [
     pytest.param("bert", ["--heads", 8, "--depth", 2], 8, [0, 3], 8, id="bert"),
     pytest.param("gpt2", ["--heads", 8, "--depth", 3, "--select", "uniform"], 8, [0, 2, 3], 8, id="gpt2"),
@@ -101,29 +82,6 @@ def test_convert_json(models, out, name, args, heads, keep, head_dim):
     assert model.config.num_hidden_layers == len(keep)
 
 
-@pytest.mark.slow
-def test_console_script_convert_prints_table(models, out):
-    script = shutil.which("reshape")
-    if script is None:
-        pytest.skip("the `reshape` console script is not on PATH")
-    result = run_cli("convert", models["bert"], "-o", out, "--heads", 8, "--depth", 2, command=[script])
-    assert_ok(result)
-    assert "parameters" in result.stdout
-    assert "Kept layers [0, 3]" in result.stdout
-    assert f"Wrote {out}" in result.stdout
-    assert_model_folder(out)
-
-
-@pytest.mark.slow
-def test_inspect_table(models):
-    result = run_cli("inspect", models["bert"], "--heads", 8, "--depth", 2)
-    assert_ok(result)
-    assert "parameters" in result.stdout
-    assert "head dim" in result.stdout
-    assert "Kept layers: [0, 3]" in result.stdout
-
-
-@pytest.mark.slow
 def test_inspect_json(models):
     result = run_cli("inspect", models["llama"], "--heads", 8, "--depth", 2, "--json")
     assert_ok(result)
@@ -142,7 +100,6 @@ def test_inspect_json(models):
     assert uniform["plan"]["keep"] == [0, 3] and uniform["result"] == report["result"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args, heads, head_dim", [
     pytest.param(["--heads", 2, "--allow-fewer-heads"], 2, 32, id="fewer-heads-allowed"),
     pytest.param(["--heads", 16, "--force"], 16, 4, id="small-head-dim-forced"),
@@ -184,7 +141,6 @@ REFUSED_PLANS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, args, field, value, fragments", REFUSED_PLANS)
 def test_refused_plan(models, out, name, args, field, value, fragments):
     result = run_cli("convert", models[name], "--out", out, *args)
@@ -192,7 +148,6 @@ def test_refused_plan(models, out, name, args, field, value, fragments):
     assert_nothing_written(out)
 
 
-@pytest.mark.slow
 def test_several_problems_reported_together(models, out):
     result = run_cli("convert", models["bert"], "--out", out, "--heads", 5, "--depth", 0)
     assert_refused(
@@ -236,7 +191,6 @@ def _remote_code(models, tmp_path) -> str:
     return str(folder)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("make_source, fragments", [
     pytest.param(lambda models, tmp_path: "bert-bse",
                  ["not a local folder, an alias or a reachable Hub repo", "did you mean bert-base",
@@ -264,7 +218,6 @@ def occupied_out(out) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_non_empty_out_refused(models, occupied_out):
     result = run_cli("convert", models["bert"], "--out", occupied_out, "--heads", 8, "--depth", 2)
     assert_refused(result, ("out", occupied_out, ["is not empty", "pass --overwrite"]))
@@ -273,7 +226,6 @@ def test_non_empty_out_refused(models, occupied_out):
     assert sorted(p.name for p in occupied_out.parent.iterdir()) == [occupied_out.name]
 
 
-@pytest.mark.slow
 def test_non_empty_out_replaced_with_overwrite(models, occupied_out):
     result = run_cli("convert", models["bert"], "--out", occupied_out, "--heads", 8, "--depth", 2, "--overwrite",
                      "--quiet")
@@ -284,7 +236,6 @@ def test_non_empty_out_replaced_with_overwrite(models, occupied_out):
     assert sorted(p.name for p in occupied_out.parent.iterdir()) == [occupied_out.name]
 
 
-@pytest.mark.slow
 def test_out_inside_the_source_folder_is_refused(models, tmp_path):
     source = Path(shutil.copytree(models["bert"], tmp_path / "bert-copy"))
     before = sorted(p.name for p in source.iterdir())
@@ -305,11 +256,3 @@ def test_the_cli_reference_is_generated_from_the_cli_and_up_to_date():
     assert {"convert", "inspect", "distill", "finetune", "eval", "report", "sweep", "presets"} <= set(commands)
     assert [c for c in commands if f"## reshape {c}\n" not in reference] == []
     assert "docs/reference/cli.md" in (root / "README.md").read_text()
-
-
-def test_presets_lists_every_preset_file():
-    done = run_cli("presets", "--json")
-    assert done.returncode == 0, done.stderr
-    listed = json.loads(done.stdout)
-    files = sorted(p.stem for p in (Path(__file__).parent.parent / "presets").glob("*.yaml"))
-    assert sorted(listed) == files and listed["minilm"]["heads"] == 24

@@ -22,6 +22,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from helpers.cases import bert_config, timm_vit
+from helpers.cli_in_process import invoke
 
 import reshape
 from reshape.card import build_card
@@ -186,14 +187,10 @@ def test_a_pickle_is_refused_with_a_conversion_that_works(bert, no_unpickling, m
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_convert_refuses_a_pickle_through_the_cli(bert, tmp_path):
-    """The CLI prints the same refusal on one line and exits 2, with nothing written."""
+def test_convert_refuses_a_pickle_through_the_cli(bert, tmp_path, no_unpickling):
+    """The CLI prints the same refusal on one line and exits 2, with nothing written (and nothing unpickled)."""
     to_pickle(bert)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "reshape.cli", "convert", str(bert), "-o", str(tmp_path / "out"),
-                             "--heads", "8", "--depth", "2"], capture_output=True, text=True, env=env, timeout=300)
+    result = invoke("convert", bert, "-o", tmp_path / "out", "--heads", "8", "--depth", "2")
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "holds its weights only as a pickle (pytorch_model.bin)" in errors[0]

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from helpers.cli_in_process import invoke
+
 import reshape
 from reshape.presets import load_presets
 
@@ -53,8 +55,8 @@ def embed(model, folder) -> torch.Tensor:
 def test_readme_main_job_converts_minilm(tmp_path):
     """`reshape convert minilm --heads 24 --depth 4 -o OUT`, then a plain-transformers load of OUT."""
     out = tmp_path / "minilm-leaner"
-    result = subprocess.run([sys.executable, "-m", "reshape.cli", "convert", "minilm", "--heads", "24", "--depth", "4",
-                             "-o", str(out), "--json"], check=True, capture_output=True, text=True)
+    result = invoke("convert", "minilm", "--heads", "24", "--depth", "4", "-o", out, "--json")  # in this process
+    assert result.returncode == 0, result.stderr
     recipe = json.loads(result.stdout)
     assert recipe["plan"]["keep"] == [0, 2, 3, 5]
     assert recipe["source_shape"] == {"layers": 6, "heads": 12, "kv_heads": 12, "head_dim": 32, "hidden": 384,

@@ -17,8 +17,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +28,8 @@ import torch
 import transformers as tf
 import yaml
 from huggingface_hub import constants
+
+from helpers.cli_in_process import invoke
 
 import reshape
 from reshape.card import build_card, write_card
@@ -449,18 +449,17 @@ def test_offline_mode_is_a_one_line_error(hub, student, monkeypatch):
 # --- the command line -----------------------------------------------------------------------------
 
 def cli_env(hub: LocalHub, home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
-    return {**env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
-            "COLUMNS": "1000", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+    """What a process started for the Hub would see (the `hub` fixture has set HF_ENDPOINT, HF_TOKEN and
+    turned xet off): online, and a home of its own."""
+    assert os.environ["HF_ENDPOINT"] == hub.url and os.environ["HF_TOKEN"] == TOKEN
+    return {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1"}
 
 
-def run_cli(env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reshape.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+def run_cli(env: dict, *args):
+    """`reshape ARGS` in this process (tests/test_cli_smoke.py runs `reshape push` as a process)."""
+    return invoke(*args, env=env)
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_cli_push_to_a_private_branch(hub, student, tmp_path):
     env = cli_env(hub, tmp_path / "home")
     done = run_cli(env, "push", student, "--repo", REPO, "--private", "--revision", "dev",
@@ -489,8 +488,6 @@ def test_cli_refusal_exits_2_with_one_line(hub, student, monkeypatch):
     assert hub.requests == []
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_cli_convert_push_to_hub(hub, folders, tmp_path):
     out = tmp_path / "converted"
     done = run_cli(cli_env(hub, tmp_path / "home"), "convert", folders / "teacher", "-o", out, "--heads", 4,

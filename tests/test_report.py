@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers as tf
+
+from helpers.cli_in_process import invoke
 
 import reshape
 from reshape.conditioning import kappa, layer_conditioning
@@ -148,12 +148,9 @@ def test_report_refuses_another_family_and_a_full_output_folder(pair, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_cli_report_json(pair):
-    done = subprocess.run([sys.executable, "-m", "reshape.cli", "report", str(pair / "base"), str(pair / "leaner"),
-                           "--batch-sizes", "1", "--seq-len", "8", "--repeats", "1", "--no-kappa", "--json"],
-                          capture_output=True, text=True)
+def test_cli_report_json(pair):  # in this process; tests/test_cli_smoke.py runs `reshape report` as one
+    done = invoke("report", pair / "base", pair / "leaner", "--batch-sizes", "1", "--seq-len", "8", "--repeats", "1",
+                  "--no-kappa", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ratios"]["flops_per_sample"] < 1 and "conditioning" not in result["models"]["base"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers as tf
+
+from helpers.cli_in_process import invoke
 
 from reshape.errors import ReshapeError
 from reshape.sweep import Point, grid, sweep
@@ -75,11 +75,8 @@ def test_sweep_refuses_bad_plans_and_other_settings_before_training(setup, tmp_p
               task="seq-cls", budget=1)
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_cli_sweep(setup, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "reshape.cli", "sweep", str(setup / "model"), "--heads", "4",
-                           "--depth", "1", "--data", str(setup / "reviews.csv"), "--task", "seq-cls", "--budget", "1",
-                           "--batch-size", "8", "-o", str(tmp_path / "s"), "--json"], capture_output=True, text=True)
+def test_cli_sweep(setup, tmp_path):  # in this process; tests/test_cli_smoke.py runs `reshape sweep` as one
+    done = invoke("sweep", setup / "model", "--heads", "4", "--depth", "1", "--data", setup / "reviews.csv", "--task",
+                  "seq-cls", "--budget", "1", "--batch-size", "8", "-o", tmp_path / "s", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["point"] for r in json.loads(done.stdout)["rows"]] == ["source", "1x2", "1x4"]

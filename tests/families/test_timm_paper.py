@@ -15,7 +15,8 @@ import timm
 import torch
 from torch import nn
 
-from helpers.cli_subprocess import ENV, assert_ok, assert_refused, run_cli  # noqa: F401  (ENV: offline subprocesses)
+from helpers.cli_in_process import invoke as run_cli  # in this process; tests/test_cli_smoke.py runs processes
+from helpers.cli_subprocess import assert_ok, assert_refused
 
 import reshape
 from reshape.errors import ReshapeError
@@ -340,8 +341,6 @@ def test_convert_from_an_architecture_name_is_refused_and_writes_nothing(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_cli_inspect_reproduces_davit_large_and_refuses_a_wrong_stage_count():
     done = run_cli("inspect", "davit_large", "--depth", "1,1,5,1", "--json")
     assert_ok(done)

@@ -14,10 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -27,12 +24,11 @@ from safetensors.torch import load_model
 from torch import nn
 
 from helpers import fx_models as M
+from helpers.cli_in_process import invoke
 
 import reshape
 from reshape.errors import ReshapeError
 from reshape.fx.rewrite import params
-
-TESTS = Path(__file__).parents[1]  # on the CLI subprocess's PYTHONPATH, for helpers.fx_models
 
 
 @dataclass
@@ -404,15 +400,12 @@ def test_refusals_write_nothing(tmp_path):
 # --- the command ---------------------------------------------------------------------------------------
 
 def _cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "1000", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, "-m", "reshape.cli", *args], capture_output=True, text=True, env=env,
-                         timeout=300)
+    """`reshape ARGS` in this process, where helpers.fx_models imports (tests/ is on pytest's pythonpath)."""
+    run = invoke(*args)
     assert run.returncode == 0, run.stderr
     return run
 
 
-@pytest.mark.integration
 def test_cli_reaches_the_fx_path(tmp_path):
     run = _cli("convert", "helpers.fx_models:vit", "--heads", "4", "--depth", "3", "-o", str(tmp_path / "vit"),
                "--trust-remote-code", "--json")
@@ -426,7 +419,6 @@ def test_cli_reaches_the_fx_path(tmp_path):
         close(loaded(_image(16)()), independent(_image(16)()))
 
 
-@pytest.mark.integration
 def test_cli_keep_head_dim(tmp_path):
     run = _cli("convert", "helpers.fx_models:vit_seeded", "--heads", "4", "--depth", "3", "--keep-head-dim",
                "-o", str(tmp_path / "vit"), "--trust-remote-code", "--json")

@@ -1,12 +1,17 @@
 """The `reshape` command run in this process, and tiny offline models and data to run it on.
 
-Shared by tests/test_validation.py and tests/test_fuzz_cli.py: a subprocess pays 5-10 s of imports per
-run, which a fuzzer drawing dozens of command lines cannot afford.
+Every CLI behaviour test runs the command here (tests/test_cli_smoke.py keeps one real subprocess per
+command): a subprocess pays 5-10 s of imports per run. `invoke` gives what a process would: the exit code,
+stdout and stderr apart, unwrapped uncoloured output (COLUMNS=1000, NO_COLOR=1, as helpers/cli_subprocess.py
+sets), warnings ignored (PYTHONWARNINGS=ignore there), and a crash written to stderr as a traceback with
+exit code 1, so `helpers.cli_subprocess.assert_ok` and `assert_refused` judge either kind of run.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +26,23 @@ POSITIONS = 16  # the tiny models' max_position_embeddings: a --max-length above
 @dataclass
 class Run:
     code: int
-    output: str  # stdout and stderr
+    output: str  # stdout and stderr, interleaved as printed
     exception: BaseException | None  # what escaped the command (SystemExit for a normal exit)
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def returncode(self) -> int:  # as subprocess.CompletedProcess names it
+        return self.code
 
     @property
     def errors(self) -> list[str]:
         return [line for line in self.output.splitlines() if line.startswith("error: ")]
 
 
-def invoke(*args) -> Run:
-    """`reshape ARGS` as the console script runs it, with the state one process would start with."""
+def invoke(*args, env: dict[str, str | None] | None = None) -> Run:
+    """`reshape ARGS` as the console script runs it, with the state one process would start with. `env`
+    sets (or, with None, unsets) environment variables for this run only."""
     from accelerate.state import AcceleratorState
 
     from reshape.cli import app
@@ -40,12 +52,19 @@ def invoke(*args) -> Run:
     handlers, level = root.handlers[:], root.level
     root.handlers.clear()  # the CLI's basicConfig must bind to this run's stderr, not to an earlier, closed one
     try:
-        result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "1000", "NO_COLOR": "1"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = CliRunner().invoke(app, [str(a) for a in args],
+                                        env={"COLUMNS": "1000", "NO_COLOR": "1", **(env or {})})
     finally:  # and what it set (--quiet silences warnings) must not leak into later tests
         root.handlers[:] = handlers
         root.setLevel(level)
         tf.logging.set_verbosity(verbosity)
-    return Run(result.exit_code, result.output, result.exception)
+    code, output, stderr, error = result.exit_code, result.output, result.stderr, result.exception
+    if error is not None and not isinstance(error, SystemExit):  # a process would print it and exit 1
+        crash = "".join(traceback.format_exception(error))
+        output, stderr = output + crash, stderr + crash
+    return Run(code, output, error, result.stdout, stderr)
 
 
 def tiny_project(root: Path) -> dict[str, Path]:
@@ -78,3 +97,23 @@ def tiny_project(root: Path) -> dict[str, Path]:
 def left_behind(out: Path) -> list[str]:
     """OUT and anything beside it: a refused run must leave its parent folder as it found it (empty)."""
     return sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+
+
+def tiny_models(root: Path) -> dict[str, Path]:
+    """Tiny BERT (4 heads, width 64), GPT-2 (4 heads, width 64) and GQA Llama (4 heads, 2 KV heads), 4 layers
+    each, saved under `root`."""
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    models = {
+        "bert": tf.BertForSequenceClassification(tf.BertConfig(
+            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+            num_labels=2)),
+        "gpt2": tf.GPT2LMHeadModel(tf.GPT2Config(
+            n_embd=64, n_layer=4, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)),
+        "llama": tf.LlamaForCausalLM(tf.LlamaConfig(
+            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, vocab_size=100)),
+    }
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+    return {name: root / name for name in models}

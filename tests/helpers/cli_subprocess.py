@@ -1,6 +1,7 @@
 """The `reshape` command as a real subprocess (offline, no colours, no wrapping) and its two verdicts: ok, or
-refused with exactly these one-line problems. Shared by tests/test_cli.py, tests/test_examples.py and
-tests/families/test_timm_paper.py."""
+refused with exactly these one-line problems. The subprocess runs are tests/test_cli_smoke.py's (one per
+command) and tests/test_examples.py's; the verdicts also judge the in-process runs of
+helpers.cli_in_process.invoke, which have the same returncode, stdout and stderr."""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers as tf
 
+from helpers.cli_in_process import invoke
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families.timm_vit import TIMM_VIT
@@ -296,13 +298,10 @@ def test_embedding_eval_compares_with_the_teacher(folders):
 
 
 def cli(*args):
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "1000"}
-    return subprocess.run([sys.executable, "-m", "reshape.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env)
+    """`reshape ARGS` in this process (tests/test_cli_smoke.py runs finetune, eval and distill as processes)."""
+    return invoke(*args, env={"HF_DATASETS_OFFLINE": "1"})
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_cli_finetune_then_eval(folders, tmp_path):
     out = tmp_path / "ft"
     done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
@@ -321,8 +320,6 @@ def test_cli_finetune_then_eval(folders, tmp_path):
         "validation, test"
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_cli_bad_training_input(folders, tmp_path):
     done = cli("finetune", folders / "student", "--task", "seq-cls", "--data", folders / "reviews.csv",
                "--label-column", "mood", "-o", tmp_path / "out")
@@ -336,8 +333,6 @@ def test_cli_bad_training_input(folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_cli_distill_and_resume_of_another_run(folders, tmp_path):
     out = tmp_path / "distilled"
     args = ["distill", "--teacher", folders / "teacher", "--student", folders / "student", "--data",
