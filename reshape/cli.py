@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from functools import wraps
@@ -106,12 +107,26 @@ def _user_errors():
 
 
 def _setup(quiet: bool) -> None:
-    import transformers
-
+    """Logging; no progress bars from transformers and the Hub (reshape shows its own progress), and with
+    `quiet` none of transformers' warnings. Said through the settings they read when imported, unless they
+    are imported already: a command that never needs them (inspect of a known config) does not import them
+    here (transformers alone takes 0.7 s)."""
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s")
-    transformers.logging.disable_progress_bar()  # reshape shows its own progress
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+        if quiet:
+            transformers.logging.set_verbosity_error()
+        return
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # what transformers reads for its own bars when imported
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if quiet:
-        transformers.logging.set_verbosity_error()
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 
 def _parse_indices(value: str | None, field: str) -> list[int] | None:

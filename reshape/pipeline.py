@@ -275,9 +275,10 @@ def _write_recipe_and_card(src: Source, recipe: dict, tmp: Path, out: Path) -> N
     write_card(tmp, src.folder, name=out.name)
 
 
-def inspect(source: str | nn.Module, heads: int | None = None, depth: int | None = None, *,
-            trust_remote_code: bool = False, **options) -> dict:
-    """Shapes and parameter counts of a model and, when heads/depth/options are given, of the result.
+def inspect_meta(source: str | nn.Module, heads: int | None = None, depth: int | None = None, *,
+                 trust_remote_code: bool = False, **options) -> dict:
+    """`reshape.inspect` by building the model on the meta device and counting its parameters: for a
+    model object, and for whatever reshape/config_shape.py cannot count from the config alone.
     Reads configs only: no weights are loaded for a name or folder."""
     validate.expect("source", source, (str, os.PathLike, nn.Module), "a Hub id, alias, folder or model",
                     "pass the model's name or folder as a string, or the model object")

@@ -1,20 +1,28 @@
-"""Parameter accounting and the side-by-side table that `inspect` and `convert` print."""
+"""Parameter accounting and the side-by-side table that `inspect` and `convert` print.
+
+Imports neither torch nor the families (`reshape inspect` of a known config prints its table without them):
+count_params takes the model and its family from its caller."""
 
 from __future__ import annotations
 
-from rich.table import Table
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .families import Family
+from rich.table import Table
+
 from .plan import Shape
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .families import Family
 
 
 def count_params(model: nn.Module, family: Family) -> dict[str, int]:
     """Total parameters (tied weights once) and those outside the embeddings. Works on meta models."""
     total = sum(p.numel() for p in model.parameters())
     embedding = {}
-    for item in family.embedding_modules(model):
-        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+    for item in family.embedding_modules(model):  # modules, or loose parameters (tensors have no .parameters)
+        for p in item.parameters() if hasattr(item, "parameters") else [item]:
             embedding[id(p)] = p.numel()
     emb = sum(embedding.values())
     return {"total": total, "embeddings": emb, "non_embedding": total - emb}

@@ -249,15 +249,18 @@ def test_a_broken_timm_config_is_blamed_on_the_source(tmp_path):
 
 
 def test_inspect_reads_the_config_only(tiny, tmp_path, monkeypatch):
-    """No weights are read and every parameter stays on the meta device: inspect builds nothing real."""
+    """No weights are read. A known family's config is counted from its numbers, with nothing built
+    (reshape/config_shape.py); the meta-model path keeps every parameter on the meta device."""
     from reshape.families.hf import HFFamily
+    from reshape.pipeline import inspect_meta
 
     folder = shutil.copytree(tiny["teacher"], tmp_path / "no-weights")
     (folder / "model.safetensors").unlink()
     built, build = [], HFFamily.build
     monkeypatch.setattr(HFFamily, "build", lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1])
     report = reshape.inspect(str(folder), heads=4, depth=2)
-    assert report["result"]["shape"]["heads"] == 4 and len(built) == 2  # the source and the result
+    assert report["result"]["shape"]["heads"] == 4 and built == []
+    assert inspect_meta(str(folder), heads=4, depth=2) == report and len(built) == 2  # the source and the result
     assert all(p.is_meta for model in built for p in model.parameters())
 
 
