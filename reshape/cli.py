@@ -408,6 +408,12 @@ def evaluate(
     _print_result(result, json_output, False, f"{model} on {data}")
 
 
+TeacherCache = Annotated[Optional[Path], typer.Option(
+    metavar="DIR", help="Keep the teacher's outputs on DATA here: written by one pass of the teacher if absent, "
+                        "then read instead of loading the teacher (hidden states in bf16, a vocabulary's top-64 "
+                        "logits). Refused with --relation.")]
+
+
 @app.command()
 @_with_groups(lr=1e-4)
 def distill(
@@ -430,6 +436,7 @@ def distill(
     hidden_kind: Annotated[str, typer.Option(help="mse or cosine.")] = "mse",
     layer_map: Annotated[Optional[str], typer.Option(
         help="Teacher layer for each student layer, e.g. 0,2,3,5 (default: reshape.json's kept layers).")] = None,
+    teacher_cache: TeacherCache = None,
     *, train: TrainFlags, output: OutputFlags,
 ):
     """Distil the STUDENT from the TEACHER on text (or on a labelled task); write it to OUT."""
@@ -442,7 +449,8 @@ def distill(
         result = run(teacher, student, out, data=data, task=task, text_column=text_column, label_column=label_column,
                      weights=DistillWeights(kl=kl, hidden=hidden, pooled=pooled, relation=relation, task=task_weight),
                      temperature=temperature, hidden_kind=hidden_kind, relation_heads=relation_heads,
-                     explicit_map=_parse_indices(layer_map, "layer_map"), **train.run_options(output))
+                     explicit_map=_parse_indices(layer_map, "layer_map"), teacher_cache=teacher_cache,
+                     **train.run_options(output))
     _print_result(result, output.json_output, output.quiet, f"Wrote {out}")
     output.push(out)
 
@@ -557,7 +565,7 @@ def sweep(
         help="Text to distil each converted point on before fine-tuning (with --init transfer).")] = None,
     breaks_below: Annotated[float, typer.Option(
         help="Report the first point whose score falls below this fraction of the source's.")] = 0.98,
-    batch_size: BatchSize = 32, lr: Lr = 5e-5, max_length: MaxLength = None,
+    batch_size: BatchSize = 32, lr: Lr = 5e-5, max_length: MaxLength = None, teacher_cache: TeacherCache = None,
     quiet: Quiet = False, json_output: Json = False,
 ):
     """Convert, recover and score MODEL at every heads x depth point, with same-heads controls; resumable."""
@@ -569,7 +577,8 @@ def sweep(
         say = None if quiet or json_output else (lambda text: err_console.print(text, markup=False))
         results = run(model, out, heads=_parse_indices(heads, "heads"), depths=_parse_indices(depth, "depth"),
                       data=data, task=task, budget=budget, seeds=seeds, init=init, distill_data=distill_data,
-                      breaks_below=breaks_below, batch_size=batch_size, lr=lr, max_length=max_length, progress=say)
+                      breaks_below=breaks_below, batch_size=batch_size, lr=lr, max_length=max_length,
+                      teacher_cache=teacher_cache, progress=say)
     if json_output:
         print(json.dumps(results, indent=2))
     elif not quiet:

@@ -6,6 +6,10 @@ and test (scored once per run, on the checkpoint picked). The source model itsel
 "same heads, fewer layers" are always included, so "more heads" and "less capacity" can be told apart.
 Each finished (point, seed) is saved as its own small JSON file the moment it ends: a re-run skips it,
 and an interruption loses at most the point in progress.
+
+With `teacher_cache`, the first point to distil writes the source model's outputs on the distillation data
+there, every layer of them, and every later point (and a re-run) reads them instead of running the source
+model again: the points map different teacher layers (reshape.train.teacher_cache).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def grid(source_heads: int, heads: list[int], depths: list[int]) -> list[Point]:
 def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], data: str, task: str,
           budget: int, seeds: int = 1, init: str = "transfer", distill_data: str | None = None,
           breaks_below: float = 0.98, batch_size: int = 32, lr: float = 5e-5, max_length: int | None = None,
-          progress=None) -> dict:
+          teacher_cache: str | Path | None = None, progress=None) -> dict:
     """Run the grid into `out` (resumable) and return the aggregated results."""
     from . import convert, inspect
     from .inputs import max_length_for
@@ -61,6 +65,9 @@ def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], 
                                  max_length=max_length)
     problems += [Problem(field, "", "lists nothing", f"list at least one, e.g. --{field} 2")
                  for field, values in (("heads", heads), ("depth", depths)) if not values]
+    if teacher_cache is not None and not (distill_data and init == "transfer"):
+        problems.append(Problem("teacher_cache", teacher_cache, "is unused: only a sweep that distils (--distill-data "
+                                "with --init transfer) runs the teacher", "drop --teacher-cache, or add --distill-data"))
     if problems:
         raise ReshapeError(problems)
     src = open_source(source)
@@ -74,7 +81,10 @@ def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], 
     if distill_data:
         load_data(distill_data, task="embedding")
     settings = {"source": source, "data": data, "task": task, "budget": budget, "init": init,
-                "distill_data": distill_data, "batch_size": batch_size, "lr": lr, "max_length": max_length}
+                "distill_data": distill_data, "batch_size": batch_size, "lr": lr, "max_length": max_length,
+                # whether, not where (its top-k KL and bf16 states differ slightly from the teacher's own);
+                # only when given, so a sweep begun before the option existed still resumes
+                **({"teacher_cache": True} if teacher_cache is not None else {})}
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
@@ -98,7 +108,8 @@ def sweep(source: str, out: str | Path, *, heads: list[int], depths: list[int], 
                 model = work / "converted"
                 if init == "transfer" and distill_data:
                     distill(source, model, work / "distilled", data=distill_data, max_length=max_length,
-                            config=replace(config, seed=seed))
+                            config=replace(config, seed=seed), teacher_cache=teacher_cache,
+                            cache_every_layer=True)
                     model = work / "distilled"
             tuned = finetune(model, work / "finetuned", task=task, data=data, max_length=max_length,
                              config=replace(config, seed=seed))

@@ -9,6 +9,7 @@ starts from the teacher's task head, and the cross entropy against the labels is
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -26,9 +27,10 @@ from ..inputs import max_length_for
 from ..output import copy_extra_files, locks_out, output_problems, umask_modes
 from ..source import load_model, open_source
 from ..stages import refuse_stages
+from . import teacher_cache as cache_files
 from .data import label_names, load_data, text_lengths
 from .losses import (DistillWeights, attention_relation_loss, capture_qkv, check_hidden_kind, check_relation_heads,
-                     combine, hidden_loss, layer_map, logit_kl, pooled_cosine)
+                     combine, hidden_loss, layer_map, logit_kl, pooled_cosine, topk_logit_kl)
 from .loop import TrainConfig, full_state_dict, is_main_process, start, train
 from .tasks import TASKS, Task, collator, get_task, score
 from .tasks import load_model as load_task_model
@@ -43,7 +45,8 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
             explicit_map: list[int] | None = None, relation_heads: int | None = None,
             text_column: str | None = None, max_length: int | None = None,
             resume: bool = False, overwrite: bool = False, keep_checkpoints: bool = False,
-            log_kappa: bool = False, progress: bool = False) -> dict:
+            log_kappa: bool = False, progress: bool = False, teacher_cache: str | Path | None = None,
+            cache_every_layer: bool = False) -> dict:
     """Distil `student` (a reshape output folder) from `teacher`; write the student to `out`.
 
     With weights.relation > 0, each student layer also matches its teacher layer's Q-Q, K-K and V-V
@@ -53,11 +56,18 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     With `task` (seq-cls or token-cls), `data` must carry labels and `teacher` must already be fine-tuned
     on them; the best checkpoint is then the one with the best held-out task score.
 
-    `max_length`: tokens per example, within both models' positions (default 128, or fewer if they take fewer)."""
+    `max_length`: tokens per example, within both models' positions (default 128, or fewer if they take fewer).
+
+    `teacher_cache`: a folder for the teacher's outputs (reshape.train.teacher_cache). Absent, the teacher
+    runs once over the data, writes it, and is let go before training; present, the teacher is never
+    loaded. `cache_every_layer` writes every teacher layer, for later runs that map other layers (a sweep)."""
     from transformers import AutoTokenizer
 
     validate.check(temperature=temperature, relation_heads=relation_heads, max_length=max_length)
     check_hidden_kind(hidden_kind)
+    if teacher_cache is not None and weights.relation:
+        raise fail("teacher_cache", teacher_cache, "cannot serve the attention-relation term, which needs the "
+                   "teacher's Q, K and V at every mapped layer", "drop --teacher-cache, or set --relation 0")
     teacher, data, out, student = str(teacher), str(data), Path(out), Path(student)  # reshape.json holds text
     problems = [] if resume else output_problems(out, overwrite)
     if problems:
@@ -80,21 +90,29 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     mapping = layer_map(recipe, t_shape.layers, s_shape.layers, explicit_map)
 
     tokenizer = AutoTokenizer.from_pretrained(student)
+    cached = cache_files.exists(teacher_cache)  # then the teacher is never loaded
+    teacher_model = labels = None
     if task is None:
         language_model = "CausalLM" in student_source.spec.cls.__name__
         dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column)
         # float32 whatever the folders store: AdamW on half-precision weights underflows (see tasks.load_model)
-        teacher_model = load_model(teacher_source).float()
+        if not cached:
+            teacher_model = load_model(teacher_source).float()
         student_model = load_model(student_source).float()
     else:
         spec = _labelled_text_task(task)
         dataset = load_data(data, task=task, text_column=text_column, label_column=label_column)
         labels = label_names(dataset["train"])
-        teacher_model = _task_teacher(teacher_source, spec, labels)
+        _check_task_teacher(teacher_source, spec, labels)
+        if not cached:
+            teacher_model = load_task_model(teacher_source.folder, spec)
         torch.manual_seed(config.seed)  # a head the teacher cannot give is drawn here, the same every run
         student_model = load_task_model(student, spec, labels)
-        head = _copy_task_head(teacher_model, student_model, spec)
-    max_length = max_length_for(max_length, teacher_model, student_model)
+        head = (_copy_task_head(teacher_model, student_model, spec) if teacher_model is not None
+                else _head_from_files(teacher_source.folder, student_model, spec))
+    # Without the teacher, its positions are read from a model on the meta device (no weights).
+    teacher_positions = teacher_model if teacher_model is not None else t_family.build(teacher_source.spec, empty=True)
+    max_length = max_length_for(max_length, teacher_positions, student_model)
     if task is None:
         collate = _text_only(collator(tokenizer, TASKS["causal-lm"], max_length))
     else:
@@ -103,38 +121,67 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     with_logits = getattr(student_model, "base_model", student_model) is not student_model
     weights.check_trains({"hidden", "pooled", "relation"} | ({"task"} if task else set())
                          | ({"kl"} if with_logits else set()))
-    teacher_model.requires_grad_(False).eval()
+    if teacher_model is not None:
+        teacher_model.requires_grad_(False).eval()
     student_model.train()
 
     if weights.relation:
         relation_heads = relation_heads or _relation_heads(t_shape, s_shape)
         check_relation_heads(relation_heads, [w for shape in (t_shape, s_shape) for w in shape.role_widths.values()])
 
-    def loss_fn(model, batch):
+    def first_rows(split):
+        return dataset[split].select(range(min(EVAL_ROWS, len(dataset[split]))))
+
+    cache = None
+    if teacher_cache is not None:
+        width = (len(labels) if task else t_vocab) if with_logits else None
+        needs = cache_files.needs_for(weights, mapping, t_shape.layers, width, task == "seq-cls", temperature,
+                                      every_layer=cache_every_layer)
+        rows = {"train": dataset["train"], "validation": first_rows("validation"), "test": first_rows("test")}
+        key = cache_files.key_for(teacher_source.folder, tokenizer, rows, max_length, task)
+        if not cached:
+            from accelerate import PartialState
+
+            start(config)  # a launch accelerate would not honour is refused before the cache is written
+            if is_main_process():
+                cache_files.write(teacher_cache, teacher_model, rows, collate, key, needs,
+                                  device=PartialState().device, batch_size=config.batch_size)
+            PartialState().wait_for_everyone()
+            teacher_model = None  # training reads the cache only: let the teacher go
+            gc.collect()
+        cache = cache_files.open_cache(teacher_cache, key, needs)
+
+    def teacher_outputs(batch):
+        if cache is not None:
+            return cache.outputs(batch)
         teacher_model.to(batch["input_ids"].device)
+        with torch.no_grad():
+            return teacher_model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+
+    def loss_fn(model, batch):
         with ExitStack() as hooks:
             if weights.relation:  # DDP wraps the student: hook the module inside
                 t_qkv = hooks.enter_context(capture_qkv(teacher_model, t_family, sorted(set(mapping))))
                 s_qkv = hooks.enter_context(capture_qkv(getattr(model, "module", model), s_family,
                                                         range(len(mapping))))
-            with torch.no_grad():
-                t = teacher_model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+            t = teacher_outputs(batch)
             s = model(**batch, output_hidden_states=True)  # with labels, transformers adds the task loss
         mask = batch["attention_mask"]
-        terms = {"hidden": hidden_loss(s.hidden_states, t.hidden_states, mapping, kind=hidden_kind, mask=mask)}
+        terms = {}
+        if weights.hidden:  # a cache holds no hidden states for a run that does not weigh them
+            terms["hidden"] = hidden_loss(s.hidden_states, t.hidden_states, mapping, kind=hidden_kind, mask=mask)
         if weights.relation:
             terms["relation"] = torch.stack([attention_relation_loss(s_qkv[i], t_qkv[j], relation_heads, mask)
                                              for i, j in enumerate(mapping)]).mean()
         if getattr(s, "logits", None) is not None and weights.kl:
-            terms["kl"] = logit_kl(s.logits, t.logits, temperature, mask=mask if s.logits.dim() == 3 else None)
+            top_k = getattr(t, "top_k", None)  # a cache keeps a vocabulary's top k only
+            terms["kl"] = (topk_logit_kl(s.logits, *top_k, temperature, mask=mask) if top_k is not None else
+                           logit_kl(s.logits, t.logits, temperature, mask=mask if s.logits.dim() == 3 else None))
         if "labels" in batch and weights.task:
             terms["task"] = s.loss
         if weights.pooled:
             terms["pooled"] = pooled_cosine(s.hidden_states[-1], t.hidden_states[-1], mask)
         return combine(terms, weights)
-
-    def first_rows(split):
-        return dataset[split].select(range(min(EVAL_ROWS, len(dataset[split]))))
 
     def distill_loss(model, rows):
         losses = [loss_fn(model, {k: v.to(next(model.parameters()).device) for k, v in
@@ -155,7 +202,9 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
 
     run = {"teacher": teacher, "student": str(student), "data": data, "task": task, "weights": asdict(weights),
            "relation_heads": relation_heads,
-           "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length}
+           "temperature": temperature, "hidden_kind": hidden_kind, "map": mapping, "max_length": max_length,
+           # only with a cache, so runs without one keep their fingerprints (and resume)
+           **({"teacher_cache": cache.identity} if cache else {})}
     start(config)  # a launch accelerate would not honour is refused here, before OUT changes
     if overwrite and not resume:  # only now: a refused request must leave the old OUT as it was
         shutil.rmtree(out, ignore_errors=True)
@@ -167,6 +216,8 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
               "temperature": temperature, "config": asdict(config), **summary}
     if task is not None:
         result["head_from_teacher"] = head
+    if cache is not None:
+        result["teacher_cache"] = str(teacher_cache)
     weights = full_state_dict(student_model)  # every process: under FSDP2 it gathers the shards
     if is_main_process():
         student_model.save_pretrained(out, state_dict=weights)
@@ -187,15 +238,14 @@ def _labelled_text_task(name: str) -> Task:
     return spec
 
 
-def _task_teacher(source, task: Task, labels: list[str]):
-    """The teacher with its fine-tuned head for `task`; a teacher without one would teach noise."""
+def _check_task_teacher(source, task: Task, labels: list[str]) -> None:
+    """The teacher must have a fine-tuned head for `task`; a teacher without one would teach noise."""
     config = source.spec.config
     trained = _has_head(config, task)
     if not trained or config.num_labels != len(labels):
         has = f"a {config.num_labels}-label {task.name} head" if trained else f"no {task.name} head"
         raise fail("teacher", source.name, f"has {has}, but the data has {len(labels)} labels",
                    f"fine-tune the teacher on this data first: reshape finetune {source.name} --task {task.name} ...")
-    return load_task_model(source.folder, task)
 
 
 def _copy_task_head(teacher: torch.nn.Module, student: torch.nn.Module, task: Task) -> list[str]:
@@ -211,6 +261,24 @@ def _copy_task_head(teacher: torch.nn.Module, student: torch.nn.Module, task: Ta
         for key in copied:
             ours[key].copy_(theirs[key])
     return copied
+
+
+def _head_from_files(folder: Path, student: torch.nn.Module, task: Task) -> list[str]:
+    """_copy_task_head without the teacher model: its head's tensors read from its safetensors files."""
+    from safetensors import safe_open
+
+    if _has_head(student.config, task):
+        return []
+    backbone, ours, found = f"{student.base_model_prefix}.", student.state_dict(), set()
+    with torch.no_grad():
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if (not key.startswith(backbone) and key in ours
+                            and tuple(f.get_slice(key).get_shape()) == tuple(ours[key].shape)):
+                        ours[key].copy_(f.get_tensor(key))
+                        found.add(key)
+    return [k for k in ours if k in found]  # in the model's order, as _copy_task_head lists them
 
 
 def _has_head(config, task: Task) -> bool:

@@ -93,6 +93,32 @@ def logit_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     return _masked_mean(kl, mask) * temperature**2
 
 
+def topk_logit_kl(student_logits: Tensor, teacher_top_log_probs: Tensor, teacher_top_ids: Tensor,
+                  temperature: float = 2.0, mask: Tensor | None = None) -> Tensor:
+    """logit_kl when only the teacher's k most likely tokens per position are known (a teacher cache).
+
+    `teacher_top_log_probs` are the teacher's log-probabilities at `temperature` of the tokens
+    `teacher_top_ids` ([..., k] each). Both distributions are coarsened to k + 1 outcomes, the k tokens and
+    "any other token", and the KL is taken between those: by the log-sum inequality never above the full
+    KL, and equal to it when the student spreads its tail mass as the teacher does. Times T², as logit_kl.
+    """
+    validate.check(temperature=temperature)
+    _same_shape("top-k ids", teacher_top_ids, teacher_top_log_probs)
+    if tuple(teacher_top_ids.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise fail("top-k logits", f"{tuple(teacher_top_ids.shape)} vs {tuple(student_logits.shape)}",
+                   "do not cover the student's positions", "read them from a cache of the same batch")
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_top = student.gather(-1, teacher_top_ids)
+    # The student's tail, exactly: logsumexp over the tokens outside the top k (1 - sum would cancel).
+    s_tail = student.scatter(-1, teacher_top_ids, float("-inf")).logsumexp(-1)
+    t_top = teacher_top_log_probs.detach().float()
+    p_top = t_top.exp()
+    p_tail = (1 - p_top.sum(-1)).clamp(min=0)  # rounding can push the k tokens' sum past 1
+    # xlogy: a tail of exactly 0 contributes 0, never 0 * log 0
+    kl = (p_top * (t_top - s_top)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * s_tail
+    return _masked_mean(kl, mask) * temperature**2
+
+
 def hidden_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mapping: Sequence[int],
                 kind: str = "mse", mask: Tensor | None = None, include_embeddings: bool = True) -> Tensor:
     """Distance between student layer outputs and the teacher layer outputs they map to.
