@@ -55,10 +55,11 @@ class BlockRunner:
         saved: dict[int, str] = {id(t): k for k, t in state.items() if k in checkpoint.shapes}
         self.keys = {name: name if name in checkpoint.shapes else saved.get(id(t)) for name, t in state.items()}
         self.dtypes = {name: t.dtype for name, t in state.items()}
-        base = model.base_model
+        base = getattr(model, "base_model", model)  # a timm model is its own base: no head apart
         base_prefix = next((f"{n}." for n, m in model.named_modules() if m is base and n), "")
         # Outside the stack, in the base model: what the forward runs before the first block (and the
-        # final norm, which it does not reach). The heads outside the base model are never read.
+        # final norm, which it does not reach). The heads outside the base model are never read (a
+        # timm model's are read with the rest: they are small).
         self.outside = [n for n in state if n.startswith(base_prefix) and not n.startswith(prefix)]
 
     def _load(self, names: list[str]) -> list[str]:

@@ -150,15 +150,15 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
     else:
         new = family.build(new_spec, empty=True)
         if isinstance(plan, StagedPlan):
-            state = transfer_stages(model.state_dict(), family.stage_prefixes(model), family.weights, shape, plan)
+            state = transfer_stages(model.state_dict(), family.stage_prefixes(model), family.weights, shape, plan,
+                                    family.adjust_block)
         else:
             state = transfer_state(model.state_dict(), layers_prefix(model, family), family.weights, shape,
-                                   layer_plan(family, plan), input_covs)
+                                   layer_plan(family, plan), input_covs, family.adjust_block)
             if plan.heads != shape.heads:
                 parents = torch.tensor(parent_heads(shape, plan))
                 for key, axis in family.outside_per_head(model).items():
                     state[key] = state[key].index_select(axis, parents)
-        state = family.adjust_state(state, shape, plan)
         if not share_weights:
             state = {k: v.clone() for k, v in state.items()}
         load_into(new, state)
@@ -220,10 +220,7 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
                 if covs:
                     recipe["head_split_calib"] = calib or "random inputs"
                 del model
-            if family.library == "timm" and not family.timm_loads(new_spec.config):
-                log.warning("reshape: %s will need reshape.load (or reshape finetune/eval/report) to load: timm alone "
-                            "cannot build its attention (%s)", out, ", ".join(f"{k}={v}" for k, v in
-                                                                            family.extra_config(new).items()))
+            _warn_if_timm_cannot_load(family, new_spec.config, new, out)
             if problems := space_problems(out, weight_bytes(new)):
                 raise ReshapeError(problems)
             with step(f"Saving to {out}"), staged(out, overwrite) as tmp:
@@ -259,6 +256,9 @@ def _convert_streaming(src: Source, conversion: Conversion, out: Path, overwrite
             recipe["layer_scores"] = {"metric": "block-influence", "calib": calib or "random tokens", "scores": scores}
         if conversion.covs:
             recipe["head_split_calib"] = calib or "random inputs"
+        family = src.spec.family
+        _warn_if_timm_cannot_load(family, family.new_config(src.spec.config, family.shape(src.spec.config), plan),
+                                  conversion.new, out)
         if problems := space_problems(out, conversion.nbytes):
             raise ReshapeError(problems)
         with step(f"Streaming to {out}: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"), \
@@ -266,6 +266,14 @@ def _convert_streaming(src: Source, conversion: Conversion, out: Path, overwrite
             conversion.write(tmp)
             _write_recipe_and_card(src, recipe, tmp, out)
     return recipe
+
+
+def _warn_if_timm_cannot_load(family, new_config, new: nn.Module, out: Path) -> None:
+    """A timm folder that only reshape.load rebuilds (XCiT's wide attention) is written with a warning."""
+    if family.library == "timm" and not family.timm_loads(new_config):
+        log.warning("reshape: %s will need reshape.load (or reshape finetune/eval/report) to load: timm alone "
+                    "cannot build its attention (%s)", out, ", ".join(f"{k}={v}" for k, v in
+                                                                    family.extra_config(new).items()))
 
 
 def _write_recipe_and_card(src: Source, recipe: dict, tmp: Path, out: Path) -> None:

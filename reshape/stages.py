@@ -137,6 +137,6 @@ def _csv(value) -> str:
 
 def refuse_stages(family, field: str, value, command: str) -> None:
     """`report` and `distill` follow one block stack; a model with several stages is refused by name."""
-    if hasattr(family, "stage_prefixes"):
+    if family.staged:
         raise fail(field, value, f"is a {family.name} model with several stages, and reshape {command} follows "
                    "one block stack", "use reshape inspect, convert and finetune for it")

@@ -1,6 +1,9 @@
 """Streaming conversion: a safetensors folder converted tensor by tensor, never the whole model in memory.
 
-`convert` plans from config.json alone (`can_stream` says which runs stream). A plan that needs
+It applies to transformers folders and to timm folders of the families with one block stack (ViT,
+DeiT, Eva, CaiT, XCiT, ConViT, TNT); models with several block stacks (timm Swin, DaViT, Twins,
+encoder-decoders) are converted in memory. `convert` plans from config.json alone (`can_stream` says
+which runs stream). A plan that needs
 activations (Block Influence for `--select importance`, the covariances of the aware head split) gets
 them block by block first (reshape/blockwise.py: one block read at a time, the same values as on the
 model in memory). Each kept block's tensors are then read with safetensors' `safe_open`, put through
@@ -9,7 +12,8 @@ into output shards as they fill; the tensors outside the block stack are copied 
 memory is one block's tensors (before and after its transfer) or one tensor outside the stack, whatever
 the size of the model or of its shards (plus, for activations, the tensors outside the stack that run
 before the first block and the calibration activations), and the folder holds the same tensors and
-config as the in-memory path writes (tests/test_streaming.py compares them per family).
+config as the in-memory path writes (tests/test_streaming.py compares them per family). A timm folder
+is written as timm's save_for_hf writes it: config.json and one model.safetensors.
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ from .blockwise import BlockRunner, NotBlockwise
 from .confine import INDEX, PICKLES, safetensors_weights
 from .errors import fail
 from .families import ModelSpec
-from .families.base import Family
 from .families.hf import HFFamily
+from .families.timm_vit import TimmFamily
 from .headsplit import attention_input_covariances
 from .importance import keep_most_important, layer_scores
 from .inputs import random_inputs
 from .plan import Plan, parent_heads
 from .source import Source
-from .stages import StagedPlan
 from .transfer import transfer_block
 
 # safetensors' dtype names (the header's "dtype" field)
@@ -60,29 +63,33 @@ def streaming_conversion(src: Source, plan: Plan, *, importance: bool, calib: st
     family, config = src.spec.family, src.spec.config
     if src.folder is None or src.gguf_file:
         return None  # a timm name has no weights; GGUF tensors are quantised and dequantised on load
-    if family.library != "transformers":
-        return None  # timm folders load and save through timm's own code (not streamed yet)
-    if isinstance(plan, StagedPlan):
-        return None  # hierarchical and encoder-decoder models: several stacks, transfer_stages
+    if family.staged:
+        # Hierarchical models (timm Swin, DaViT, Twins) and encoder-decoders: several block stacks, each
+        # with its own plan (transfer_stages). Streaming follows one stack; these are converted in memory.
+        return None
     if plan.init != "transfer":
         return None  # a fresh model is initialised in memory
     if (importance or splits_aware(plan)) and activation_problem(family, config):
         return None  # Block Influence and the aware split need activations, which these get in memory only
+    timm = family.library == "timm"
     if getattr(config, "auto_map", None) or getattr(config, "quantization_config", None) is not None:
         return None  # remote code and quantised weights: their own loading code may rewrite any tensor
-    if not (_inherits(family, "save", HFFamily) and _inherits(family, "adjust_state", Family)):
-        return None  # a family that saves its own way, or rewrites the whole state after the transfer
-    checkpoint = Checkpoint(src.folder, src.name)
-    dtype = load_dtype(config, checkpoint)
+    if not _inherits(family, "save", TimmFamily if timm else HFFamily):
+        return None  # a family that saves its own way
+    checkpoint = Checkpoint(src.folder, src.name, sharded=not timm)  # timm loads model.safetensors only
+    # timm.create_model builds the model in torch's default dtype and copies the weights into it.
+    dtype = torch.get_default_dtype() if timm else load_dtype(config, checkpoint)
     if dtype is None:
         return None  # mixed dtypes and none in config.json: from_pretrained's pick is the first tensor's
     source = skeleton(src.spec, dtype)
-    if _converts_weights(source) or _keeps_fp32(source, dtype):
+    if not timm and (_converts_weights(source) or _keeps_fp32(source, dtype)):
         # transformers renames or fuses this class's weights on load and back on save (MoE experts,
         # legacy names), or loads some modules in float32: the checkpoint is not the state dict
         return None
     if set(checkpoint.shapes) != set(saved_state(source)):
         return None  # legacy or prefixed names, missing or extra weights: from_pretrained fixes them up
+    if timm and any(checkpoint.shapes[key] != tuple(t.shape) for key, t in saved_state(source).items()):
+        return None  # timm's checkpoint filters adapt some tensors to the model (position embeddings resampled)
     new = skeleton(ModelSpec(family, family.new_config(config, family.shape(config), plan), src.spec.cls), dtype)
     produced = set(_sources(checkpoint, layers_prefix(source, family), layer_plan(family, plan).keep,
                             saved_state(new)))
@@ -165,8 +172,27 @@ class Conversion:
                                                 run=runner)
 
     def write(self, folder: Path) -> None:
-        """config.json (and generation_config.json) as `save_pretrained` writes them, then the weights,
-        shard by shard, with an index when there is more than one shard."""
+        """The folder the family's save writes: for transformers, config.json (and generation_config.json)
+        as `save_pretrained` writes them, then the weights, shard by shard, with an index when there is
+        more than one shard; for timm, config.json as `save_for_hf` writes it and one model.safetensors
+        (timm loads no shards)."""
+        if self.family.library == "timm":
+            self.family.save_config(self.new, folder)
+            files, index, metadata = {"model.safetensors": list(self.outputs)}, None, None  # save_file's: none
+        else:
+            files, index = self._write_transformers_config(folder)
+            metadata = {"format": "pt"}  # as save_pretrained writes it
+        try:
+            for filename, names in files.items():
+                write_shard(folder / filename, {name: self.outputs[name] for name in names}, self.tensor, metadata)
+        finally:
+            self._block = None
+        if index:
+            (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def _write_transformers_config(self, folder: Path) -> tuple[dict[str, list[str]], dict | None]:
+        """Write config.json (and generation_config.json) as save_pretrained does; return the shards
+        (file name -> tensor names) and the index (None for one file) it would write."""
         from huggingface_hub import split_torch_state_dict_into_shards
         from transformers import PreTrainedModel
 
@@ -178,15 +204,11 @@ class Conversion:
         # huggingface_hub plans the shards from the tensors' sizes; the meta tensors are enough for that.
         split = split_torch_state_dict_into_shards(self.outputs, filename_pattern="model{suffix}.safetensors",
                                                    max_shard_size=self.checkpoint.shard_bytes or default)
-        try:
-            for filename, names in split.filename_to_tensors.items():
-                write_shard(folder / filename, {name: self.outputs[name] for name in names}, self.tensor)
-        finally:
-            self._block = None
+        index = None
         if split.is_sharded:  # as save_pretrained writes it
             index = {"metadata": {"total_parameters": self.new.num_parameters(), **split.metadata},
                      "weight_map": split.tensor_to_filename}
-            (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return split.filename_to_tensors, index
 
     def tensor(self, name: str) -> torch.Tensor:
         """One output tensor: its kept block's, transferred, or a tensor from outside the stack."""
@@ -204,7 +226,8 @@ class Conversion:
             layer = {key[len(old):]: self.checkpoint.get(key, self.expected[key].dtype)
                      for key in self.checkpoint.shapes if key.startswith(old)}
             cov = (self.covs or {}).get(self.keep[new_index])
-            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan, cov)
+            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan, cov,
+                                                    self.family.adjust_block)
         return self._block[1][rel]
 
 
@@ -212,13 +235,13 @@ class Checkpoint:
     """A folder's safetensors weights, read lazily: names, shapes and dtypes from the file headers,
     each tensor when it is asked for."""
 
-    def __init__(self, folder: Path, name: str):
+    def __init__(self, folder: Path, name: str, sharded: bool = True):
         self.folder = Path(folder)
         index = self.folder / INDEX
-        if not (self.folder / "model.safetensors").exists() and index.is_file():
+        if sharded and not (self.folder / "model.safetensors").exists() and index.is_file():
             _refuse_pickle_shards(self.folder, index)
         # Inside the folder, readable, no pickles: the in-memory path's checks, with its messages.
-        files = safetensors_weights(self.folder, name)
+        files = safetensors_weights(self.folder, name, sharded=sharded)
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
@@ -260,10 +283,11 @@ class Checkpoint:
             return f.get_tensor(key).to(dtype)
 
 
-def write_shard(path: Path, planned: dict[str, torch.Tensor], tensor_of) -> None:
+def write_shard(path: Path, planned: dict[str, torch.Tensor], tensor_of, metadata: dict[str, str] | None) -> None:
     """One safetensors file, written tensor by tensor: the header from the planned (meta) tensors first,
     then each tensor's bytes as `tensor_of(name)` makes it. safetensors' own writers (save_file,
-    serialize_file) need every tensor of the file in memory at once, which is what streaming avoids."""
+    serialize_file) need every tensor of the file in memory at once, which is what streaming avoids.
+    `metadata`: the header's __metadata__ (None: none, as save_file writes without it)."""
     # Larger items first, as save_file orders them, so each tensor's bytes stay aligned to its item size.
     order = sorted(planned, key=lambda name: -planned[name].element_size())
     header, offset = {}, 0
@@ -272,7 +296,8 @@ def write_shard(path: Path, planned: dict[str, torch.Tensor], tensor_of) -> None
         size = t.numel() * t.element_size()
         header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt"}  # as save_pretrained writes it
+    if metadata is not None:
+        header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
     with open(path, "wb") as f:
@@ -317,11 +342,15 @@ def skeleton(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
 
 
 def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors save_pretrained writes for `model` (meta tensors here): its state dict less the keys
-    it ignores on save and the tied copies."""
+    """The tensors the family's save writes for `model` (meta tensors here): for transformers,
+    save_pretrained's, its state dict less the keys it ignores on save and the tied copies; for timm,
+    save_for_hf's, its whole state dict."""
+    from transformers import PreTrainedModel
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     state = model.state_dict()
+    if not isinstance(model, PreTrainedModel):
+        return state
     for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
         state.pop(key, None)
     return remove_tied_weights_from_state_dict(state, model)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,12 +24,15 @@ from .headsplit import aware_split
 from .plan import Plan, Shape, head_sources, parent_heads, target_shape
 from .stages import StagedPlan, StagedShape
 
+Adjust = Callable[[dict, Shape, Plan], dict]  # a family's adjust_block
+
 
 def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights: BlockWeights,
-                   shape: Shape, plan: Plan, input_covs: dict[int, torch.Tensor] | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   shape: Shape, plan: Plan, input_covs: dict[int, torch.Tensor] | None = None,
+                   adjust: Adjust | None = None) -> dict[str, torch.Tensor]:
     """The new model's state dict from the source's. `layers_prefix` is e.g. 'bert.encoder.layer.'.
-    `input_covs` (source layer -> attention input covariance) weights the aware head split."""
+    `input_covs` (source layer -> attention input covariance) weights the aware head split; `adjust`
+    (a family's `adjust_block`) finishes each block."""
     state: dict[str, torch.Tensor] = {}
     layers: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in source.items():
@@ -38,16 +42,17 @@ def transfer_state(source: dict[str, torch.Tensor], layers_prefix: str, weights:
         else:
             state[key] = tensor
     for new_index, old_index in enumerate(plan.keep):
-        layer = transfer_block(layers[old_index], weights, shape, plan, (input_covs or {}).get(old_index))
+        layer = transfer_block(layers[old_index], weights, shape, plan, (input_covs or {}).get(old_index), adjust)
         state.update({f"{layers_prefix}{new_index}.{rel}": t for rel, t in layer.items()})
     return state
 
 
 def transfer_block(layer: dict[str, torch.Tensor], weights: BlockWeights, shape: Shape, plan: Plan,
-                   input_cov: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   input_cov: torch.Tensor | None = None, adjust: Adjust | None = None) -> dict[str, torch.Tensor]:
     """One kept block's new tensors from its source tensors (names relative to the block, e.g.
     'attention.self.query.weight'); `layer` is untouched. Streaming conversion (reshape/streaming.py)
-    calls it once per block, `transfer_state` once per kept layer: one implementation for both."""
+    calls it once per block, `transfer_state` once per kept layer: one implementation for both.
+    `adjust(layer, shape, plan)`, the family's `adjust_block`, applies the family's own rule last."""
     layer = dict(layer)
     # A block of another kind in a hybrid stack (LFM's convolutions, Qwen3-Next's linear attention) has
     # no such projections: its weights stay as they are. load_into still checks every shape.
@@ -69,14 +74,14 @@ def transfer_block(layer: dict[str, torch.Tensor], weights: BlockWeights, shape:
                 layer[name] = layer[name].index_select(weights.per_head_axis, parents)
     if regroup:
         _regroup(layer, weights, new_shape, to_groups=True)
-    return layer
+    return adjust(layer, shape, plan) if adjust else layer
 
 
 def transfer_stages(source: dict[str, torch.Tensor], prefixes: list[str], weights: BlockWeights,
-                    shape: StagedShape, plan: StagedPlan) -> dict[str, torch.Tensor]:
+                    shape: StagedShape, plan: StagedPlan, adjust: Adjust | None = None) -> dict[str, torch.Tensor]:
     """`transfer_state` once per stage: each pass renumbers one stage's blocks and keeps the rest."""
     for prefix, stage_shape, stage_plan in zip(prefixes, shape.stages, plan.stages):
-        source = transfer_state(source, prefix, weights, stage_shape, stage_plan)
+        source = transfer_state(source, prefix, weights, stage_shape, stage_plan, adjust=adjust)
     return source
 
 

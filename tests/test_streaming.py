@@ -16,14 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from helpers.streaming import assert_same_folder, in_memory, source, streamed, tensors
+from helpers.streaming import assert_same_folder, in_memory, source, streamed, tensors, timm_source
 
 import reshape
 import reshape.pipeline
 import reshape.streaming
 from reshape.cli import app
 from reshape.pipeline import by_importance, plan_for
-from reshape.source import open_source
+from reshape.source import load_timm_folder, open_source
 
 # (model type, head class, dtype, convert options): each family's layout rule once, with the variants
 # that touch the weights differently (keep-head-dim, --mlp, --keep/--select, tied heads, GQA, fused Q/K/V).
@@ -55,6 +55,68 @@ def test_streamed_folder_equals_the_in_memory_one(case, tmp_path, monkeypatch):
     in_memory(monkeypatch, str(src), tmp_path / "in-memory", **options)
     assert_same_folder(tmp_path / "streamed", tmp_path / "in-memory")
     assert {t.dtype for t in tensors(tmp_path / "streamed").values() if t.is_floating_point()} == {dtype}
+
+
+# (architecture, tiny model args, convert options): the timm families with one block stack, each with the
+# variants that touch its weights differently (aware split fitted block by block, --mlp, --keep/--select,
+# keep-head-dim through XCiT's wide attention, CaiT's talking-heads rule, ConViT's per-head gates, TNT's
+# inner attention kept whole). A timm folder holds one model.safetensors: timm loads no shards.
+TIMM_CASES = {
+    "vit-contiguous-mlp-keep": ("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=64, depth=6,
+                                num_heads=4, num_classes=5), dict(heads=8, keep=[0, 2, 5], mlp=96,
+                                                                  head_split="contiguous")),
+    "vit-aware-first": ("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=64, depth=6, num_heads=4,
+                        num_classes=5), dict(heads=8, depth=3, select="first")),
+    "deit-distilled-last": ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=4, embed_dim=64, num_heads=4,
+                            num_classes=5), dict(heads=8, depth=3, mlp=100, select="last")),
+    "eva-swiglu-mlp": ("eva02_tiny_patch14_224", dict(img_size=28, depth=3, embed_dim=96, num_heads=3, num_classes=5,
+                       qkv_fused=False, swiglu_align_to=8), dict(heads=6, depth=2, mlp=128, select="last")),
+    "xcit-keep-head-dim": ("xcit_nano_12_p16_224", dict(img_size=32, depth=4, num_classes=5),
+                           dict(heads=8, depth=3, keep_head_dim=True)),
+    "cait-talking-heads": ("cait_xxs24_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+                           num_classes=5, init_values=0.5), dict(heads=8, keep=[0, 3], mlp=100)),
+    "convit": ("convit_tiny", dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=4, local_up_to_layer=2,
+               num_classes=5), dict(heads=8, depth=3, mlp=40, select="first")),
+    "tnt-mlp": ("tnt_s_patch16_224", dict(img_size=32, depth=4, embed_dim=96, num_classes=5),
+                dict(heads=6, depth=3, mlp=200)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+def test_streamed_timm_folder_equals_the_in_memory_one(case, tmp_path, monkeypatch):
+    architecture, args, options = TIMM_CASES[case]
+    src = timm_source(tmp_path, architecture, **args)
+    streamed(monkeypatch, str(src), tmp_path / "streamed", **options)
+    in_memory(monkeypatch, str(src), tmp_path / "in-memory", **options)
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "in-memory").iterdir())
+    assert_same_folder(tmp_path / "streamed", tmp_path / "in-memory")
+    # It loads as reshape loads a timm folder (timm.create_model, or reshape's build for XCiT's wide attention).
+    size = args["img_size"]
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for folder in ("streamed", "in-memory"):
+        with torch.no_grad():
+            outputs.append(load_timm_folder(tmp_path / folder).eval()(images))
+    assert torch.equal(*outputs)
+
+
+def test_a_sharded_timm_folder_is_refused_as_before(tmp_path, monkeypatch):
+    """timm loads model.safetensors only: a timm folder of shards gets the in-memory path's refusal."""
+    src = timm_source(tmp_path, "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+    state = tensors(src)
+    names = sorted(state)
+    (src / "model.safetensors").unlink()
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        save_file({k: state[k] for k in part}, src / f"model-0000{i + 1}-of-00002.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f"model-0000{1 + (k in names[len(names) // 2:])}-of-00002.safetensors" for k in names}}))
+    errors = []
+    for convert in (streamed, in_memory):
+        with pytest.raises(reshape.ReshapeError) as e:
+            convert(monkeypatch, str(src), tmp_path / convert.__name__, heads=8, depth=1, head_split="contiguous")
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "looked for model.safetensors)" in errors[0]
 
 
 def test_output_shards_take_the_source_shard_size_with_an_index(tmp_path, monkeypatch):
@@ -121,6 +183,33 @@ def test_which_runs_stream(model_type, head, options, streams, tmp_path):
     src = open_source(str(source(tmp_path, model_type, head)))
     plan = plan_for(src.spec, options.pop("heads", None), options.pop("depth", None), src.preset, **options)
     assert reshape.streaming.can_stream(src, plan, importance=by_importance(src.spec, options), calib=None) is streams
+
+
+VIT = ("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=64, depth=6, num_heads=4))
+
+
+@pytest.mark.parametrize("architecture, args, options, streams", [
+    (*VIT, dict(), True),  # the rule of thumb doubles the heads: aware split, fitted block by block
+    (*VIT, dict(depth=4, select="importance"), True),
+    (*VIT, dict(depth=4, init="random"), False),
+    # per-stage plans (several block stacks, transfer_stages): in memory
+    ("davit_tiny", dict(depths=(1, 1, 3, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), window_size=2),
+     dict(depth=[1, 1, 2, 1]), False),
+])
+def test_which_timm_runs_stream(architecture, args, options, streams, tmp_path):
+    src = open_source(str(timm_source(tmp_path, architecture, **args)))
+    plan = plan_for(src.spec, options.pop("heads", None), options.pop("depth", None), src.preset, **options)
+    assert reshape.streaming.can_stream(src, plan, importance=by_importance(src.spec, options), calib=None) is streams
+
+
+def test_a_timm_folder_whose_tensors_timm_adapts_on_load_stays_in_memory(tmp_path):
+    folder = timm_source(tmp_path, VIT[0], **VIT[1])
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["img_size"] = 32  # timm resamples the saved position embeddings on load
+    (folder / "config.json").write_text(json.dumps(config))
+    src = open_source(str(folder))
+    plan = plan_for(src.spec, 8, 3, None, head_split="contiguous")
+    assert not reshape.streaming.can_stream(src, plan, importance=False, calib=None)
 
 
 def test_calibration_data_streams_too(tmp_path):

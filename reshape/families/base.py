@@ -77,6 +77,9 @@ class Family(ABC):
     can_split_aware: bool = True  # does the function-aware head split apply (no rotary positions)?
     # One block run num_hidden_layers times (ALBERT): depth sets the repeat count, there are no layers to drop.
     shared_layers: bool = False
+    # Several block stacks ("stages"), each planned apart (hierarchical models, encoder-decoders; see
+    # reshape/stages.py): `shape` gives a StagedShape, plans are StagedPlans, `stage_prefixes` places the stacks.
+    staged: bool = False
     # Plan options the family cannot carry out, each with the reason (e.g. {"mlp": "..."}): refused by name.
     refuses: dict[str, str] = {}
 
@@ -153,15 +156,21 @@ class Family(ABC):
         relative attention bias: each new head takes its parent head's entry."""
         return {}
 
-    def adjust_state(self, state: dict, shape: Shape, plan: Plan) -> dict:
-        """The new model's state after the generic transfer, with any rule of the family's own applied
-        (e.g. CaiT's talking-heads mixers, whose columns and scales follow the new heads)."""
-        return state
+    def adjust_block(self, layer: dict, shape: Shape, plan: Plan) -> dict:
+        """One kept block's new tensors (names relative to the block) after the generic transfer, with any
+        rule of the family's own applied (e.g. CaiT's talking-heads mixers, whose columns and scales follow
+        the new heads). Both the in-memory and the streaming conversion call it once per kept block."""
+        return layer
 
     def block_weights(self, block: nn.Module) -> BlockWeights:
         """The weight map of this one block. Families whose blocks come in two kinds (Twins' local and
         global attention, ConViT's GPSA and MHSA) map the projections of each kind, for the report's count."""
         return self.weights
+
+    def stage_prefixes(self, model: nn.Module) -> list[str]:
+        """A staged family's stacks: where each one's blocks live in the state dict, in stage order. A family
+        with one block stack has `layers` instead."""
+        raise NotImplementedError(f"{self.name} has one block stack, not stages")
 
     def finalize(self, model: nn.Module) -> None:
         """Restore what assigning a state dict undoes (e.g. tied weights)."""

@@ -535,6 +535,8 @@ class Seq2SeqFamily(GenericFamily):
     head count. Heads are re-read at the same width (keep-width, contiguous); the per-head relative
     attention bias (T5, in each stack's first block) follows its parent heads."""
 
+    staged = True
+
     def __init__(self, model_type, stacks, stack_keys, hidden_key, weights, embeddings, found):
         super().__init__(model_type, stacks[0], weights, embeddings, ConfigKeys(), found,
                          can_widen_attention=False, can_split_aware=False,

@@ -22,7 +22,7 @@ so the new head count must be a multiple of the source's; others are refused. Th
 rewrites query/key rows per head) is not used: the contiguous split above is already exact.
 
 How the rule is applied: the rows of proj_l/proj_w (and their biases) follow each new head's parent
-through `per_head`, as every per-head tensor does; `adjust_state` then picks their columns the same way
+through `per_head`, as every per-head tensor does; `adjust_block` then picks their columns the same way
 and applies the two scales.
 """
 
@@ -74,18 +74,15 @@ class TimmCaiT(TimmFamily):
             args["mlp_ratio"] = mlp_ratio(shape.hidden, new.mlp)
         return self._new_args(config, **args)
 
-    def adjust_state(self, state, shape, plan):
+    def adjust_block(self, layer, shape, plan):
         if plan.heads == shape.heads:
-            return state
+            return layer
         k = plan.heads // shape.heads
         parents = torch.tensor(parent_heads(shape, plan))
         # proj_l mixes logits scaled by old_scale = head_dim ** -0.5; each child's logits carry new_scale.
-        factors = {"attn.proj_l": k ** -0.5, "attn.proj_w": 1.0 / k}
-        for key in state:
-            name = key.removeprefix("blocks.").split(".", 1)[-1].removesuffix(".weight")
-            if key.startswith("blocks.") and key.endswith(".weight") and name in factors:
-                state[key] = state[key].index_select(1, parents) * factors[name]
-        return state
+        for name, factor in (("attn.proj_l.weight", k ** -0.5), ("attn.proj_w.weight", 1.0 / k)):
+            layer[name] = layer[name].index_select(1, parents) * factor
+        return layer
 
 
 TIMM_CAIT = TimmCaiT()

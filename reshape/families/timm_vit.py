@@ -94,6 +94,13 @@ class TimmFamily(Family):
 
         save_for_hf(model, out, model_config=self.extra_config(model) or None, safe_serialization=True)
 
+    def save_config(self, model: nn.Module, out: Path) -> None:
+        """config.json alone, as `save` writes it (it reads no weights: `model` may be on the meta device).
+        Streaming conversion (reshape/streaming.py) writes the weights itself."""
+        from timm.models._hub import save_config_for_hf
+
+        save_config_for_hf(model, Path(out) / "config.json", model_config=self.extra_config(model) or None)
+
     def extra_config(self, model: nn.Module) -> dict:
         """config.json keys beyond timm's own that rebuilding `model` needs (none for plain timm models)."""
         return {}
@@ -124,6 +131,7 @@ class TimmFamily(Family):
 class TimmStagedFamily(TimmFamily):
     """A hierarchical timm model: `model.<stages_attr>[i].blocks` is stage i's block stack (see reshape/stages.py)."""
 
+    staged = True
     stages_attr: str
 
     def layers(self, model):

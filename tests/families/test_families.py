@@ -16,7 +16,9 @@ from helpers.cases import CASES, by_id, case_params, first_output
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
+from reshape.stages import StagedShape
 from reshape.streaming import layers_prefix
+from reshape.testing import tiny_config
 
 
 def family_of(model):
@@ -30,6 +32,17 @@ def shape_of(model):
 
 def layer_state(model, index: int) -> dict[str, torch.Tensor]:
     return family_of(model).layers(model)[index].state_dict()
+
+
+@pytest.mark.parametrize("config", [
+    {"architecture": "vit_tiny_patch16_224", "model_args": {}}, {"architecture": "davit_tiny", "model_args": {}},
+    {"architecture": "swin_tiny_patch4_window7_224", "model_args": {}},
+    {"architecture": "twins_svt_small", "model_args": {}}, "bert", "t5"], ids=str)
+def test_a_family_is_staged_exactly_when_its_shape_has_stages(config):
+    config = tiny_config(config) if isinstance(config, str) else config
+    family = find_family(config)
+    assert family.staged == isinstance(family.shape(config), StagedShape)
+    assert family.staged == (family.name in ("timm-davit", "timm-swin", "timm-twins", "auto:t5"))
 
 
 @pytest.mark.parametrize("case", case_params())

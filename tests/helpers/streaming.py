@@ -1,5 +1,5 @@
-"""A sharded safetensors source of a tiny model, a conversion forced in memory or forced to stream, and the
-comparison of two output folders tensor for tensor. Shared by tests/test_streaming.py and
+"""A sharded safetensors source of a tiny model (a timm one in one file, as timm saves it), a conversion
+forced in memory or forced to stream, and the comparison of two output folders tensor for tensor. Shared by tests/test_streaming.py and
 tests/test_calibration_stream.py."""
 
 from __future__ import annotations
@@ -26,6 +26,18 @@ def source(tmp_path: Path, model_type: str, head=None, dtype=torch.float32, shar
         model = head(tiny_config(model_type))
     folder = tmp_path / f"{model_type}-source"
     model.to(dtype).save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def timm_source(tmp_path: Path, architecture: str, **args) -> Path:
+    """A tiny random-weight timm model saved as timm saves it (save_for_hf: config.json and one
+    model.safetensors; timm loads no shards)."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    folder = tmp_path / f"{architecture}-source"
+    save_for_hf(timm.create_model(architecture, pretrained=False, **args), folder, safe_serialization=True)
     return folder
 
 
