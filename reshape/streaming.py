@@ -1,19 +1,19 @@
 """Streaming conversion: a safetensors folder converted tensor by tensor, never the whole model in memory.
 
-It applies to transformers folders and to timm folders of the families with one block stack (ViT,
-DeiT, Eva, CaiT, XCiT, ConViT, TNT); models with several block stacks (timm Swin, DaViT, Twins,
+It applies to transformers folders and to timm folders of the families with one block stack (ViT, DeiT,
+Eva, CaiT, XCiT, ConViT, TNT); models with several block stacks (timm Swin, DaViT, Twins,
 encoder-decoders) are converted in memory. `convert` plans from config.json alone (`can_stream` says
-which runs stream). A plan that needs
-activations (Block Influence for `--select importance`, the covariances of the aware head split) gets
-them block by block first (reshape/blockwise.py: one block read at a time, the same values as on the
-model in memory). Each kept block's tensors are then read with safetensors' `safe_open`, put through
-the same per-block transfer as the in-memory path (reshape/transfer.py `transfer_block`) and written
-into output shards as they fill; the tensors outside the block stack are copied one at a time. Peak
-memory is one block's tensors (before and after its transfer) or one tensor outside the stack, whatever
-the size of the model or of its shards (plus, for activations, the tensors outside the stack that run
-before the first block and the calibration activations), and the folder holds the same tensors and
-config as the in-memory path writes (tests/test_streaming.py compares them per family). A timm folder
-is written as timm's save_for_hf writes it: config.json and one model.safetensors.
+which runs stream). A plan that needs activations (Block Influence for `--select importance`, the
+covariances of the aware head split) gets them block by block first (reshape/blockwise.py: one block
+read at a time, the same values as on the model in memory). Each kept block's tensors are then read with
+safetensors' `safe_open`, put through the same per-block transfer as the in-memory path
+(reshape/transfer.py `transfer_block`) and written into output shards as they fill; the tensors outside
+the block stack are copied one at a time. Peak memory is one block's tensors (before and after its
+transfer) or one tensor outside the stack, whatever the size of the model or of its shards (plus, for
+activations, the tensors outside the stack that run before the first block and the calibration
+activations), and the folder holds the same tensors and config as the in-memory path writes
+(tests/test_streaming.py compares them per family). A timm folder is written as timm's save_for_hf
+writes it: config.json and one model.safetensors.
 """
 
 from __future__ import annotations
@@ -86,9 +86,10 @@ def streaming_conversion(src: Source, plan: Plan, *, importance: bool, calib: st
         # transformers renames or fuses this class's weights on load and back on save (MoE experts,
         # legacy names), or loads some modules in float32: the checkpoint is not the state dict
         return None
-    if set(checkpoint.shapes) != set(saved_state(source)):
+    expected = saved_state(source)
+    if set(checkpoint.shapes) != set(expected):
         return None  # legacy or prefixed names, missing or extra weights: from_pretrained fixes them up
-    if timm and any(checkpoint.shapes[key] != tuple(t.shape) for key, t in saved_state(source).items()):
+    if timm and any(checkpoint.shapes[key] != tuple(t.shape) for key, t in expected.items()):
         return None  # timm's checkpoint filters adapt some tensors to the model (position embeddings resampled)
     new = skeleton(ModelSpec(family, family.new_config(config, family.shape(config), plan), src.spec.cls), dtype)
     produced = set(_sources(checkpoint, layers_prefix(source, family), layer_plan(family, plan).keep,

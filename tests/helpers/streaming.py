@@ -1,6 +1,6 @@
 """A sharded safetensors source of a tiny model (a timm one in one file, as timm saves it), a conversion
-forced in memory or forced to stream, and the comparison of two output folders tensor for tensor. Shared by tests/test_streaming.py and
-tests/test_calibration_stream.py."""
+forced in memory or forced to stream, and the comparison of two output folders tensor for tensor. Shared
+by tests/test_streaming.py and tests/test_calibration_stream.py."""
 
 from __future__ import annotations
 
