@@ -409,9 +409,9 @@ def evaluate(
 
 
 TeacherCache = Annotated[Optional[Path], typer.Option(
-    metavar="DIR", help="Keep the teacher's outputs on DATA here: written by one pass of the teacher if absent, "
-                        "then read instead of loading the teacher (hidden states in bf16, a vocabulary's top-64 "
-                        "logits). Refused with --relation.")]
+    metavar="DIR", help="Keep the teacher's outputs on the distillation data here: written by one pass of the "
+                        "teacher if absent, then read instead of loading the teacher (hidden states in bf16, a "
+                        "vocabulary's top-64 logits). Refused with --relation.")]
 
 
 @app.command()
