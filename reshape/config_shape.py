@@ -40,7 +40,7 @@ def inspect(source, heads: int | None = None, depth: int | None = None, *, trust
     Reads configs only: no weights are loaded for a name or folder, and for the declared transformers
     families nothing is built (the counts follow from the config); `source` may also be a model object."""
     if isinstance(source, (str, os.PathLike)):
-        report = config_report(str(source), heads, depth, trust_remote_code=trust_remote_code, **options)
+        report = config_report(str(source), heads, depth, **options)  # (remote code: never answered there)
         if report is not None:
             return report
     from .pipeline import inspect_meta  # torch and transformers' modeling code: only when needed
@@ -48,7 +48,7 @@ def inspect(source, heads: int | None = None, depth: int | None = None, *, trust
     return inspect_meta(source, heads, depth, trust_remote_code=trust_remote_code, **options)
 
 
-def config_report(source: str, heads=None, depth=None, *, trust_remote_code: bool = False, **options) -> dict | None:
+def config_report(source: str, heads=None, depth=None, **options) -> dict | None:
     """`inspect`'s report computed from the source's config alone, or None where this module cannot be
     sure of the meta-model path's answer (then that path answers, errors included)."""
     config = _source_config(source)
@@ -92,11 +92,11 @@ def _source_config(source: str) -> dict | None:
     folder = Path(source)
     if (folder / "config.json").is_file():
         pass
-    elif preset is None or folder.is_file():
+    elif preset is None:
         return None  # a Hub id, a timm name, a GGUF file or a mistake: the meta-model path says which
     elif (local := preset.local_folder()) is None:
         return dict(preset.config)  # the preset records its architecture: no download, as in inspect_meta
-    elif preset.gguf_file:
+    elif preset.gguf_file or (folder.is_file() and folder.suffix == ".gguf"):
         return None
     else:
         folder = local
@@ -169,6 +169,7 @@ class Kind:
     aliases: tuple[str, ...] = ()  # attribute_map names: a config spelling them goes to the meta-model path
     optional: tuple[str, ...] = ()  # values that may be None (the class derives them)
     flags: tuple[str, ...] = ()  # boolean values
+    pairs: tuple[str, ...] = ()  # values that may be a number or a (height, width) pair
     # The config class's derived values, set in the resolved config; False where the config is one the
     # formulas do not describe.
     post_init: Callable[[dict, dict], bool] | None = None
@@ -183,12 +184,15 @@ class Kind:
             if key in self.flags:
                 if not isinstance(value, bool):
                     return None
-            elif not (value is None and key in self.optional) and not _count(value) and not _image_size(value):
+            elif not (value is None and key in self.optional) and not _count(value) \
+                    and not (key in self.pairs and _count_pair(value)):
                 return None
         if self.post_init and not self.post_init(c, raw):
             return None
         archs = raw.get("architectures") or []
         c["class"] = archs[0] if isinstance(archs, list) and archs else self.base_class
+        if not isinstance(c["class"], str):
+            return None
         labels = raw.get("id2label")
         if labels is not None:
             if not isinstance(labels, dict):
@@ -198,6 +202,8 @@ class Kind:
             c["num_labels"] = raw.get("num_labels", 2)
             if not _count(c["num_labels"]):
                 return None
+        if raw.get("problem_type") == "single_label_classification" and c["num_labels"] == 1:
+            return None  # the config class refuses it
         return c
 
     def shape(self, c: dict) -> Shape | None:
@@ -208,7 +214,7 @@ class Kind:
             return None
         kv = c.get(k.get("kv_heads")) or heads
         head_dim = c.get(k.get("head_dim"))
-        if head_dim is None and hidden % heads:
+        if (head_dim is None or self.heads_divide_hidden) and hidden % heads:  # (LlamaConfig refuses it)
             return None
         if not (_count(kv) and (head_dim is None or _count(head_dim))):
             return None
@@ -237,7 +243,7 @@ class Kind:
         return {"total": total, "embeddings": counts.embeddings, "non_embedding": total - counts.embeddings}
 
 
-def _image_size(value) -> bool:
+def _count_pair(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(_count(v) for v in value)
 
 
@@ -354,7 +360,7 @@ KINDS: dict[str, Kind] = {
                                     "intermediate_size": 3072, "image_size": 224, "patch_size": 16, "num_channels": 3,
                                     "qkv_bias": True, "pooler_output_size": None},
                 _vit_counts, "ViTModel", False, optional=("pooler_output_size",), flags=("qkv_bias",),
-                post_init=_vit_post_init),
+                pairs=("image_size", "patch_size"), post_init=_vit_post_init),
     "gpt2": Kind("gpt2", {"heads": "n_head", "layers": "n_layer", "hidden": "n_embd", "mlp": "n_inner"},
                  {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
                   "tie_word_embeddings": True},

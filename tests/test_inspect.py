@@ -179,6 +179,11 @@ def test_what_config_report_leaves_to_the_meta_model(folders, tmp_path):
         folder.mkdir(exist_ok=True)
         (folder / "config.json").write_text(json.dumps({**saved, **change}))
         assert config_report(str(folder), heads=8, depth=2) is None, change
+    saved = json.loads((Path(llama) / "config.json").read_text())
+    for change in ({"num_attention_heads": 3, "num_key_value_heads": 1},  # LlamaConfig refuses 3 heads in 64
+                   {"hidden_size": [64, 64]}, {"head_dim": 0}, {"attention_bias": 1}):
+        (folder / "config.json").write_text(json.dumps({**saved, **change}))
+        assert config_report(str(folder), heads=8, depth=2) is None, change
 
 
 @pytest.mark.integration
