@@ -23,6 +23,13 @@ COMMANDS = {
     "reshape presets": [sys.executable, "-m", "reshape.cli", "presets"],
     "reshape inspect bert-base --heads 24 --depth 8": [sys.executable, "-m", "reshape.cli", "inspect", "bert-base",
                                                        "--heads", "24", "--depth", "8"],
+    # a local folder (the offline package's copy of all-MiniLM-L6-v2): its config.json, read as JSON
+    "reshape inspect minilm --heads 24 --depth 4": [sys.executable, "-m", "reshape.cli", "inspect", "minilm",
+                                                    "--heads", "24", "--depth", "4"],
+    # a model type only the generic adapter reads: the meta-model path (torch and transformers' modeling code)
+    "reshape inspect qwen3-0.6b --heads 32 --depth 19 --keep-head-dim": [
+        sys.executable, "-m", "reshape.cli", "inspect", "qwen3-0.6b", "--heads", "32", "--depth", "19",
+        "--keep-head-dim"],
 }
 
 
@@ -45,9 +52,10 @@ def main() -> None:
             times[name].append(wall(command))
     median = {name: statistics.median(values) for name, values in times.items()}
     bare, torch_floor = median["python -c pass"], median["python -c 'import torch'"]
-    print(f"{'command':50s} {'median s':>9s} {'/ python':>9s} {'/ torch':>8s}")
+    width = max(map(len, median))
+    print(f"{'command':{width}s} {'median s':>9s} {'/ python':>9s} {'/ torch':>8s}")
     for name, value in median.items():
-        print(f"{name:50s} {value:9.2f} {value / bare:9.1f} {value / torch_floor:8.2f}")
+        print(f"{name:{width}s} {value:9.2f} {value / bare:9.1f} {value / torch_floor:8.2f}")
 
 
 if __name__ == "__main__":
