@@ -186,13 +186,21 @@ def test_what_config_report_leaves_to_the_meta_model(folders, tmp_path):
         assert config_report(str(folder), heads=8, depth=2) is None, change
 
 
-@pytest.mark.integration
-def test_inspect_of_a_preset_imports_neither_torch_nor_transformers():
-    code = ("import sys, runpy; sys.argv = ['reshape', 'inspect', 'bert-base', '--heads', '24', '--depth', '8']\n"
+def inspect_in_a_process(*args: str) -> str:
+    """`reshape inspect ARGS` in a fresh process, its stdout ending with the heavy modules it imported."""
+    code = (f"import sys, runpy; sys.argv = ['reshape', 'inspect', *{list(args)!r}]\n"
             "try:\n    runpy.run_module('reshape.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]\n"
             "print('heavy:', heavy)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "parameters without embeddings" in done.stdout and "109,514,298" in done.stdout
-    assert "Kept layers: [0, 2, 3, 5, 6, 8, 9, 11]" in done.stdout
-    assert done.stdout.strip().endswith("heavy: []")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.integration
+def test_inspect_of_a_preset_or_folder_imports_neither_torch_nor_transformers(folders):
+    out = inspect_in_a_process("bert-base", "--heads", "24", "--depth", "8")
+    assert "parameters without embeddings" in out and "109,514,298" in out
+    assert "Kept layers: [0, 2, 3, 5, 6, 8, 9, 11]" in out
+    assert out.strip().endswith("heavy: []")
+    out = inspect_in_a_process(folders["llama-lm"], "--heads", "8", "--depth", "2", "--json")
+    report, heavy = out.rsplit("heavy:", 1)
+    assert json.loads(report) == inspect_meta(folders["llama-lm"], heads=8, depth=2) and heavy.strip() == "[]"
