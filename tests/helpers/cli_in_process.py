@@ -10,11 +10,14 @@ exit code 1, so `helpers.cli_subprocess.assert_ok` and `assert_refused` judge ei
 from __future__ import annotations
 
 import logging
+import os
+import random
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers as tf
 from typer.testing import CliRunner
@@ -50,16 +53,26 @@ def invoke(*args, env: dict[str, str | None] | None = None) -> Run:
     AcceleratorState._reset_state(reset_partial_state=True)  # a process sets its precision once; a run here may differ
     root, verbosity = logging.getLogger(), tf.logging.get_verbosity()
     handlers, level = root.handlers[:], root.level
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()  # a process's draws are its own
     root.handlers.clear()  # the CLI's basicConfig must bind to this run's stderr, not to an earlier, closed one
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = CliRunner().invoke(app, [str(a) for a in args],
                                         env={"COLUMNS": "1000", "NO_COLOR": "1", **(env or {})})
-    finally:  # and what it set (--quiet silences warnings) must not leak into later tests
+    finally:  # and what it set (--quiet silences warnings, accelerate's env and state) must not leak into later tests
         root.handlers[:] = handlers
         root.setLevel(level)
         tf.logging.set_verbosity(verbosity)
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        AcceleratorState._reset_state(reset_partial_state=True)
     code, output, stderr, error = result.exit_code, result.output, result.stderr, result.exception
     if error is not None and not isinstance(error, SystemExit):  # a process would print it and exit 1
         crash = "".join(traceback.format_exception(error))
