@@ -22,6 +22,7 @@ import torch
 from .. import validate
 from ..card import write_card
 from ..conditioning import with_kappa
+from ..confine import safetensors_weights
 from ..errors import ReshapeError, fail
 from ..inputs import max_length_for
 from ..output import copy_extra_files, locks_out, output_problems, umask_modes
@@ -271,7 +272,7 @@ def _head_from_files(folder: Path, student: torch.nn.Module, task: Task) -> list
         return []
     backbone, ours, found = f"{student.base_model_prefix}.", student.state_dict(), set()
     with torch.no_grad():
-        for file in sorted(Path(folder).glob("*.safetensors")):
+        for file in safetensors_weights(folder, folder, field="teacher"):  # inside the folder only
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     if (not key.startswith(backbone) and key in ours
