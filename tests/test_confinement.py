@@ -28,7 +28,7 @@ import reshape
 from reshape.card import build_card
 from reshape.errors import ReshapeError
 from reshape.source import load_timm_folder
-from reshape.train.tasks import TASKS, load_model as load_task_model
+from reshape.train.tasks import TASKS, load_task_model
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:

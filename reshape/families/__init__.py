@@ -41,11 +41,12 @@ def find_family(obj: Any) -> Family:
     config = getattr(obj, "config", obj)
     if hasattr(config, "model_type") and hasattr(config, "to_json_string"):
         GENERIC.resolve(obj)  # raises its one-line reason: what was looked for and not found
-    raise fail("model", describe(obj), "is not a supported model family",
+    raise fail("model", model_kind(obj), "is not a supported model family",
                "use one of: " + "; ".join(f.covers for f in FAMILIES))
 
 
-def describe(obj: Any) -> str:
+def model_kind(obj: Any) -> str:
+    """What an unsupported model is, for the refusal: its model_type, timm architecture or class."""
     config = getattr(obj, "config", obj)
     if getattr(config, "model_type", None):
         return f"model_type {config.model_type!r}"
@@ -54,4 +55,4 @@ def describe(obj: Any) -> str:
     return type(obj).__name__
 
 
-__all__ = ["FAMILIES", "BlockWeights", "Family", "ModelSpec", "Proj", "describe", "find_family", "register"]
+__all__ = ["FAMILIES", "BlockWeights", "Family", "ModelSpec", "Proj", "find_family", "model_kind", "register"]

@@ -19,7 +19,7 @@ from .biases import check_biases
 from .graph import Unsupported
 from .keep_width import reshape_heads
 from .locate import Site, check_heads, locate
-from .widen import projections, widen_heads
+from .widen import projections, widen_graph_heads
 from .stack import Stack, block_nodes, find_stack
 from .tracer import default_concrete_args, trace
 
@@ -159,7 +159,7 @@ def apply_plan(model: nn.Module, plan: Plan, source_heads: int, leaf_modules=(),
     gm, stack = keep_blocks(gm, stack, plan.keep)  # rewires the graph and its own containers only
     _own_copies(gm)  # the kept modules are still the source's: copy them before re-heading
     if plan.heads and plan.heads != source_heads:
-        rehead = widen_heads if plan.head_mode == "keep-head-dim" else reshape_heads
+        rehead = widen_graph_heads if plan.head_mode == "keep-head-dim" else reshape_heads
         for node in block_nodes(gm, stack):
             block_gm = trace_block(gm, node, leaf_modules)
             rehead(block_gm, locate(block_gm), plan.heads)

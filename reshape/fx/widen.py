@@ -2,7 +2,7 @@
 
 `projections` pins down the Linear(s) whose rows the head split reads (one fused Linear viewed as
 (..., 3, heads, head dim) or split/chunked into q, k, v, or three Linears) and the Linear that reads the
-merged heads; `widen_heads` replaces them by wider nn.Linear modules filled by transfer.py's Net2Net rule,
+merged heads; `widen_graph_heads` replaces them by wider nn.Linear modules filled by transfer.py's Net2Net rule,
 so the block computes exactly what it did.
 """
 
@@ -182,7 +182,7 @@ def _set_constant(gm, view: fx.Node, pos: int, value: int) -> None:
         old = read
 
 
-def widen_heads(gm: fx.GraphModule, sites: list[Site], heads: int) -> fx.GraphModule:
+def widen_graph_heads(gm: fx.GraphModule, sites: list[Site], heads: int) -> fx.GraphModule:
     """Keep-head-dim: every located attention gets `heads` heads of its own head dim. Each new head
     copies a source head's Q/K/V rows (K/V stay as they are under grouped-query attention) and the
     output columns of a head copied c times are divided by c, so the block computes what it did. The

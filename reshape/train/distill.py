@@ -33,8 +33,7 @@ from .data import label_names, load_data, text_lengths
 from .losses import (DistillWeights, attention_relation_loss, capture_qkv, check_hidden_kind, check_relation_heads,
                      combine, hidden_loss, layer_map, logit_kl, pooled_cosine, topk_logit_kl)
 from .loop import TrainConfig, full_state_dict, is_main_process, start, train
-from .tasks import TASKS, Task, collator, get_task, score
-from .tasks import load_model as load_task_model
+from .tasks import TASKS, Task, collator, get_task, load_task_model, score
 
 EVAL_ROWS = 256  # held-out rows scored at each evaluation: enough for a stable mean loss
 
@@ -96,7 +95,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, *, data: 
     if task is None:
         language_model = "CausalLM" in student_source.spec.cls.__name__
         dataset = load_data(data, task="causal-lm" if language_model else "embedding", text_column=text_column)
-        # float32 whatever the folders store: AdamW on half-precision weights underflows (see tasks.load_model)
+        # float32 whatever the folders store: AdamW on half-precision weights underflows (see tasks.load_task_model)
         if not cached:
             teacher_model = load_model(teacher_source).float()
         student_model = load_model(student_source).float()

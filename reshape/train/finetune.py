@@ -20,7 +20,7 @@ from ..output import locks_out, output_problems, umask_modes
 from .data import DEFAULT_VALIDATION_RATIO, SPLITS, label_names, load_data, text_lengths
 from .losses import mean_pool
 from .loop import TrainConfig, full_state_dict, is_main_process, start, train
-from .tasks import collator, get_task, load_model, preprocessor, score
+from .tasks import collator, get_task, load_task_model, preprocessor, score
 
 
 @locks_out  # the whole run, checks to final save: a second writer to OUT is refused
@@ -45,7 +45,7 @@ def finetune(model: str | Path, out: str | Path, *, task: str, data: str, config
     folder, _ = local_model(model)
     processor = preprocessor(folder, spec)
     torch.manual_seed(config.seed)  # a new task head is drawn here: it must not depend on earlier work
-    net = load_model(folder, spec, labels)
+    net = load_task_model(folder, spec, labels)
     max_length = max_length_for(max_length, net)
     if lora:
         net = _with_lora(net, lora, spec)
@@ -94,7 +94,7 @@ def evaluate(model: str | Path, *, task: str, data: str, text_column: str | None
                         image_column=image_column)
     folder, gguf_file = local_model(model, gguf=True)
     torch.manual_seed(seed)  # a model without the task's head gets a fresh one: make it the same every time
-    net = load_model(folder, spec, gguf_file=gguf_file)
+    net = load_task_model(folder, spec, gguf_file=gguf_file)
     max_length = max_length_for(max_length, net)
     classes = len(label_names(dataset[split])) if spec.labelled else None
     if spec.labelled and net.config.num_labels != classes:

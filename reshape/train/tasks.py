@@ -43,7 +43,7 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def load_model(path, task: Task, label_names: list[str] | None = None, trust_remote_code: bool = False,
+def load_task_model(path, task: Task, label_names: list[str] | None = None, trust_remote_code: bool = False,
                gguf_file: str | None = None) -> nn.Module:
     """The model at `path` (or its GGUF file) with `task`'s head (a fresh head when the checkpoint has none)."""
     import transformers
