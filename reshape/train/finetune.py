@@ -117,8 +117,8 @@ def _embedding_cosine(model, teacher, data, text_column, max_length, split, batc
     student, reference = (load_source_model(open_source(str(m))) for m in (model, teacher))
     max_length = max_length_for(max_length, student, reference)
     cosines = []
-    for start in range(0, len(texts), batch_size):
-        batch = dict(tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+    for first in range(0, len(texts), batch_size):
+        batch = dict(tokenizer(texts[first:first + batch_size], truncation=True, max_length=max_length,
                                padding=True, return_tensors="pt"))
         a, b = (mean_pool(m(**batch, output_hidden_states=True).hidden_states[-1], batch["attention_mask"])
                 for m in (student, reference))

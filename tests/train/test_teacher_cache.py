@@ -6,16 +6,15 @@ for all its points, and resume works on a cached run."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
 from safetensors.torch import load_file
+
+from helpers.cli_in_process import invoke
 
 import reshape
 import reshape.train.distill as distill_module
@@ -277,12 +276,10 @@ def test_refusals_before_any_work(folders, tmp_path):
 def test_the_cli_refuses_a_stale_cache_with_exit_2(folders, tmp_path):
     distill(folders / "teacher", folders / "student", tmp_path / "first", data=folders / "text.txt",
             config=TrainConfig(max_steps=1, batch_size=16), teacher_cache=tmp_path / "cache")
-    done = subprocess.run([sys.executable, "-m", "reshape.cli", "distill", "--teacher", str(folders / "teacher"),
-                           "--student", str(folders / "student"), "--data", str(folders / "text.txt"),
-                           "-o", str(tmp_path / "out"), "--steps", "1", "--max-length", "8",
-                           "--teacher-cache", str(tmp_path / "cache")],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 2, done.stderr
+    done = invoke("distill", "--teacher", folders / "teacher", "--student", folders / "student", "--data",
+                  folders / "text.txt", "-o", tmp_path / "out", "--steps", "1", "--max-length", "8",
+                  "--teacher-cache", tmp_path / "cache")
+    assert done.code == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: teacher_cache={tmp_path / 'cache'}: was written for other max_length (max_length 16 there, 8 in "
         f"this run); use another --teacher-cache folder (this run then writes it), or delete {tmp_path / 'cache'} "
