@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from helpers.cases import bert_config, timm_vit
 from helpers.cli_in_process import invoke

@@ -19,7 +19,6 @@ from reshape.config_shape import KINDS, config_report
 from reshape.families import find_family
 from reshape.pipeline import PLAN_OPTIONS, inspect_meta
 from reshape.presets import load_presets
-from reshape.source import spec_of
 
 HF_CASES = [case for case in CASES if not case.id.startswith("timm")]
 

@@ -24,7 +24,7 @@ import transformers as tf
 from torch import nn
 
 from helpers import fx_models as M
-from helpers.cases import CASES, case_params, timm_vit
+from helpers.cases import case_params, timm_vit
 from helpers.conformance import COVERED, plan_of
 
 import reshape
