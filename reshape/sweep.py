@@ -159,7 +159,19 @@ def markdown(results: dict) -> str:
     verdict = (f"First point below {results['breaks_below']:.0%} of the source on validation ({results['bar']:.4f}): "
                f"{results['breaks_at']}" if results["breaks_at"] else
                f"No point fell below {results['breaks_below']:.0%} of the source ({results['bar']:.4f}).")
-    return "\n".join([*lines, "", verdict]) + "\n"
+    return "\n".join([*lines, "", verdict, *_paired(results["rows"])]) + "\n"
+
+
+def _paired(rows: list[dict]) -> list[str]:
+    """Each point's test score minus the source's on the same seed: seeds share data order and budget, so
+    the differences vary less than the two means do."""
+    source, lines = rows[0]["scores"], []
+    for row in rows[1:]:
+        diffs = [a - b for a, b in zip(row["scores"], source)]
+        if len(diffs) > 1:
+            lines.append(f"- {row['point']} - source, paired by seed (test): {statistics.mean(diffs):+.4f} ± "
+                         f"{statistics.stdev(diffs):.4f} ({', '.join(f'{d:+.4f}' for d in diffs)})")
+    return ["", *lines] if lines else []
 
 
 def pareto_plot(results: dict, path: Path) -> None:

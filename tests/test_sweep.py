@@ -11,7 +11,7 @@ import transformers as tf
 from helpers.cli_in_process import invoke
 
 from reshape.errors import ReshapeError
-from reshape.sweep import Point, grid, sweep
+from reshape.sweep import Point, grid, markdown, sweep
 
 WORDS = ["good", "great", "bad", "awful"]
 
@@ -34,6 +34,19 @@ def setup(tmp_path_factory):
 def test_grid_has_the_source_and_a_same_heads_control_per_depth():
     assert grid(2, [4, 8], [1, 2]) == [Point(None, None), Point(2, 2), Point(4, 2), Point(8, 2),
                                        Point(2, 1), Point(4, 1), Point(8, 1)]
+
+
+def test_the_table_pairs_each_point_with_the_source_on_the_same_seed():
+    def row(point, scores):
+        return {"point": point, "heads": 2, "depth": 3, "control": False, "params": 10, "non_embedding": 5,
+                "seeds": len(scores), "validation_mean": 0.8, "mean": sum(scores) / len(scores), "std": 0.0,
+                "scores": scores}
+
+    text = markdown({"rows": [row("source", [0.80, 0.70]), row("4x1", [0.81, 0.74]), row("8x1", [0.5])],
+                     "breaks_below": 0.98, "bar": 0.784, "breaks_at": None})
+    # +0.01 and +0.04: mean +0.025, sample std 0.0212; a point with one seed has no spread to give
+    assert text.splitlines()[-1] == "- 4x1 - source, paired by seed (test): +0.0250 ± 0.0212 (+0.0100, +0.0400)"
+    assert "8x1 - source" not in text
 
 
 def test_sweep_runs_every_point_and_resumes_without_redoing_them(setup, tmp_path, monkeypatch):
