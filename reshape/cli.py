@@ -476,14 +476,9 @@ def push(
     if json_output:
         print(json.dumps(result, indent=2))
         return
-    from rich.table import Table
+    from .summary import push_table
 
-    table = Table(title=f"{out} -> {repo} ({result['revision']})")
-    table.add_column("file")
-    table.add_column("bytes", justify="right")
-    for file in result["files"]:
-        table.add_row(file["path"], f"{file['size']:,}")
-    out_console.print(table)
+    out_console.print(push_table(out, repo, result))
     if dry_run:
         out_console.print(result["card"] or "(no README.md: the repo would have no model card)", markup=False,
                           highlight=False)
@@ -497,21 +492,14 @@ def presets(json_output: Json = False):
     """List the preset aliases: Hub id, family, recommended heads and depth, and where that comes from."""
     from dataclasses import asdict
 
-    from rich.table import Table
-
     from .presets import load_presets
+    from .summary import presets_table
 
     found = load_presets()
     if json_output:
         print(json.dumps({alias: asdict(p) for alias, p in found.items()}, indent=2))
         return
-    table = Table(title="reshape presets (presets/*.yaml)")
-    for column in ("alias", "hub id", "family", "heads", "depth", "offline", "recommendation from"):
-        table.add_column(column, overflow="fold")
-    for alias, p in found.items():
-        offline = "installed" if p.local_folder() else (p.offline_package or "-")
-        table.add_row(alias, p.hub_id, p.family, str(p.heads), str(p.depth), offline, p.source)
-    out_console.print(table)
+    out_console.print(presets_table(found))
 
 
 @app.command()

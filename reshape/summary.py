@@ -1,4 +1,5 @@
-"""Parameter accounting and the side-by-side table that `inspect` and `convert` print.
+"""Parameter accounting and the CLI's tables: the side-by-side shapes `inspect` and `convert` print, the
+preset list and the files `push` sends (the report's table lives with its Markdown twin in reporting.py).
 
 Imports neither torch nor the families (`reshape inspect` of a known config prints its table without them):
 count_params takes the model and its family from its caller."""
@@ -71,3 +72,25 @@ def table(title: str, source: dict, result: dict | None = None) -> Table:
 def cell(value) -> str:
     """A number, or one number per stage of a hierarchical model."""
     return ",".join(map(str, value)) if isinstance(value, list) else f"{value:,}"
+
+
+def presets_table(found: dict) -> Table:
+    """`reshape presets`: one row per alias. Columns fold rather than truncate, so narrow terminals keep
+    every alias whole."""
+    t = Table(title="reshape presets (presets/*.yaml)")
+    for column in ("alias", "hub id", "family", "heads", "depth", "offline", "recommendation from"):
+        t.add_column(column, overflow="fold")
+    for alias, p in found.items():
+        offline = "installed" if p.local_folder() else (p.offline_package or "-")
+        t.add_row(alias, p.hub_id, p.family, str(p.heads), str(p.depth), offline, p.source)
+    return t
+
+
+def push_table(out, repo: str, result: dict) -> Table:
+    """`reshape push`: the files that go (or would go) to the repo, with their sizes."""
+    t = Table(title=f"{out} -> {repo} ({result['revision']})")
+    t.add_column("file")
+    t.add_column("bytes", justify="right")
+    for file in result["files"]:
+        t.add_row(file["path"], f"{file['size']:,}")
+    return t
