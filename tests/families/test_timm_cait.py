@@ -14,11 +14,12 @@ import timm
 import torch
 from timm.models import save_for_hf
 
+from helpers.timm_outputs import params, run
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
 
-IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=5, init_values=0.5)
 
 
@@ -34,15 +35,6 @@ def cait(**args) -> torch.nn.Module:
                 linear.bias.copy_(torch.randn(linear.bias.shape, generator=g))
             block.attn.qkv.weight.mul_(4)
     return model
-
-
-def run(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(IMAGES)
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_cait_is_claimed_natively_and_its_shape_read():

@@ -15,11 +15,12 @@ import timm
 import torch
 from timm.models import save_for_hf
 
+from helpers.timm_outputs import params, run
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
 
-IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 SMALL = dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=4, local_up_to_layer=2, num_classes=5)
 PER_HEAD = ("attn.gating_param", "attn.pos_proj.weight", "attn.pos_proj.bias")
 
@@ -35,15 +36,6 @@ def convit(**args) -> torch.nn.Module:
                 block.attn.pos_proj.weight.mul_(torch.rand(block.attn.pos_proj.weight.shape, generator=g) + 0.5)
                 block.attn.pos_proj.bias.copy_(torch.randn(block.attn.pos_proj.bias.shape, generator=g))
     return model
-
-
-def run(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(IMAGES)
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def kinds(model) -> list[str]:

@@ -7,6 +7,8 @@ import timm
 import torch
 from torch import nn
 
+from helpers.timm_outputs import params
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
@@ -41,9 +43,6 @@ def run(model, case) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(images)
 
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_eva_models_are_claimed_with_their_own_weight_map():

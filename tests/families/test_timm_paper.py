@@ -17,12 +17,12 @@ from torch import nn
 
 from helpers.cli_in_process import invoke as run_cli  # in this process; tests/test_cli_smoke.py runs processes
 from helpers.cli_subprocess import assert_ok, assert_refused
+from helpers.timm_outputs import params, run
 
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
 
-IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 def counts(name, **plan) -> tuple[int, int]:
@@ -102,15 +102,6 @@ def make(build) -> nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
-
-
-def run(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(IMAGES)
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # (build, the plan that keeps everything, a heads/depth plan, timm's own args for that result)

@@ -15,12 +15,13 @@ import timm
 import torch
 from torch import nn
 
+from helpers.timm_outputs import params, run
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
 from reshape.families.timm_swinv2 import TIMM_SWINV2
 
-IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 ARGS = dict(img_size=32, window_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), num_classes=5)
 HEADS, DEPTH = [2, 4, 16, 16], [1, 2, 2, 1]  # doubled, x4 in stage 2 (head dim 8), x2 in stage 3
 PER_HEAD = ("attn.logit_scale", "attn.cpb_mlp.2.weight")
@@ -43,15 +44,6 @@ def model() -> nn.Module:
 @pytest.fixture(scope="module")
 def new(model) -> nn.Module:
     return reshape.leaner(model, heads=HEADS, depth=DEPTH)
-
-
-def run(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(IMAGES)
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_claimed_from_a_config_without_building_it_on_the_cpu():

@@ -16,12 +16,13 @@ import timm
 import torch
 from torch import nn
 
+from helpers.timm_outputs import params, run
+
 import reshape
 from reshape.errors import ReshapeError
 from reshape.families import find_family
 from reshape.families.timm_twins import TIMM_TWINS
 
-IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 COMMON = dict(img_size=32, embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), num_classes=5)
 VARIANTS = {  # arch, model args
     "svt": ("twins_svt_small", dict(COMMON, depths=(2, 2, 4, 2), wss=(2, 2, 2, 2))),
@@ -55,15 +56,6 @@ def model(variant) -> nn.Module:
 @pytest.fixture(scope="module")
 def new(model, variant) -> nn.Module:
     return reshape.leaner(model, heads=HEADS, depth=DEPTH[variant])
-
-
-def run(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(IMAGES)
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def kinds(model) -> list[list[str]]:
