@@ -12,7 +12,7 @@ from .version import __version__
 
 # public name -> the module that defines it (no module may share a public name: importing reshape.X
 # would set the package attribute X to the module)
-_API = {"convert": "pipeline", "inspect": "config_shape", "leaner": "pipeline", "load": "pipeline", "push": "hub",
+_API = {"convert": "config_convert", "inspect": "config_shape", "leaner": "pipeline", "load": "pipeline", "push": "hub",
         "report": "reporting", "Problem": "errors", "ReshapeError": "errors", "Plan": "plan", "Shape": "plan",
         "make_plan": "plan", "select_layers": "plan"}
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from .inputs import evaluating
@@ -70,7 +69,7 @@ class BlockRunner:
                 if self.keys[name] is None:
                     raise NotBlockwise(f"{name} is in no checkpoint file")
                 value = self.checkpoint.get(self.keys[name], self.dtypes[name])
-                set_module_tensor_to_device(self.model, name, "cpu", value=value)
+                _set_tensor(self.model, name, "cpu", value)
                 loaded.append(name)
         except BaseException:
             self._free(loaded)
@@ -79,7 +78,7 @@ class BlockRunner:
 
     def _free(self, names: list[str]) -> None:
         for name in names:
-            set_module_tensor_to_device(self.model, name, "meta")
+            _set_tensor(self.model, name, "meta")
 
     def _block_names(self, index: int) -> list[str]:
         start = f"{self.prefix}{index}."
@@ -232,3 +231,11 @@ def _with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
 def _first(output):
     """The hidden states a block returns (alone, or first of a tuple; GPT-1's blocks return lists)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _set_tensor(model: nn.Module, name: str, device: str, value: torch.Tensor | None = None) -> None:
+    # accelerate is imported on first use: a quarter of a second, which converting from config.json
+    # (reshape/config_convert.py, no activations) does not pay.
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, device, value=value)

@@ -33,6 +33,10 @@ PIPELINE_TAGS = {"seq-cls": "text-classification", "token-cls": "token-classific
 CLASS_TASKS = (("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
                ("ForMaskedLM", "masked-lm"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
                ("ForImageClassification", "image-cls"), ("VisionTransformer", "image-cls"))
+# Auto classes the card names without importing transformers to check (tests/test_card.py: they exist)
+COMMON_AUTO_CLASSES = frozenset(f"AutoModelFor{head}" for head in (
+    "CausalLM", "MaskedLM", "SequenceClassification", "TokenClassification", "QuestionAnswering",
+    "ImageClassification", "MultipleChoice", "PreTraining", "Seq2SeqLM"))
 METRICS = {"accuracy": "accuracy", "f1": "macro F1", "perplexity": "perplexity", "cosine": "embedding cosine"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 log = logging.getLogger("reshape")
@@ -94,11 +98,13 @@ def build_card(folder: str | Path, source: str | Path | None = None, name: str |
 
 def auto_class(architecture: str | None) -> str:
     """The transformers Auto class that loads `architecture`, e.g. BertForMaskedLM -> AutoModelForMaskedLM."""
-    import transformers
-
     architecture = architecture or ""
     if "For" in architecture:
         name = "AutoModel" + architecture[architecture.index("For"):]
+        if name in COMMON_AUTO_CLASSES:
+            return name
+        import transformers  # (seconds to import: only for the rarer heads)
+
         if hasattr(transformers, name):
             return name
     return "AutoModelForCausalLM" if architecture.endswith("LMHeadModel") else "AutoModel"

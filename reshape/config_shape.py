@@ -16,6 +16,7 @@ classes by tests/test_inspect.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,9 @@ class Kind:
     # The config class's derived values, set in the resolved config; False where the config is one the
     # formulas do not describe.
     post_init: Callable[[dict, dict], bool] | None = None
+    # (resolved config, class name) -> the tensors save_pretrained writes, name -> shape; None where not
+    # described here (reshape/config_convert.py converts only what it describes)
+    tensors: Callable[[dict, str], dict[str, tuple[int, ...]] | None] = lambda c, cls: None
 
     def resolve(self, raw: dict) -> dict | None:
         """The config's values as the config class holds them (defaults filled in, derived values derived),
@@ -296,25 +300,70 @@ def _gpt2_counts(c: dict, cls: str) -> Counts | None:
     return None if rest is None else Counts(embeddings, block, 2 * h + rest)  # ln_f
 
 
-def _llama_counts(c: dict, cls: str, prefix: str, attention_bias: bool | None, mlp_bias: bool | None) -> Counts | None:
-    """LLaMA-style decoders. Qwen2 has Q/K/V biases and Mistral none, whatever the config says; LLaMA reads
-    attention_bias (Q/K/V/O) and mlp_bias from its config."""
-    h, m, vocab, labels = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_labels"]
-    heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
-    head_dim = c["head_dim"] or h // heads
+def _llama_biases(c: dict, attention_bias: bool | None, mlp_bias: bool | None) -> tuple[bool, bool, bool]:
+    """(Q/K/V bias, O bias, MLP bias). Qwen2 has Q/K/V biases and Mistral none, whatever the config says;
+    LLaMA reads attention_bias (Q/K/V/O) and mlp_bias from its config."""
     if attention_bias is None:
         qkv_bias = o_bias = c["attention_bias"]
     else:
         qkv_bias, o_bias = attention_bias, False
-    mlp_bias = c["mlp_bias"] if mlp_bias is None else mlp_bias
-    attention = (_linear(h, heads * head_dim, qkv_bias) + 2 * _linear(h, kv * head_dim, qkv_bias)
-                 + _linear(heads * head_dim, h, o_bias))
-    block = attention + 2 * _linear(h, m, mlp_bias) + _linear(m, h, mlp_bias) + 2 * h  # two RMS norms
+    return qkv_bias, o_bias, c["mlp_bias"] if mlp_bias is None else mlp_bias
+
+
+def _llama_block(c: dict, attention_bias: bool | None, mlp_bias: bool | None) -> dict[str, tuple[int, ...]]:
+    """One decoder block's tensors (names inside the block) and their shapes."""
+    h, m = c["hidden_size"], c["intermediate_size"]
+    heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c["head_dim"] or h // heads
+    qkv_bias, o_bias, mlp_bias = _llama_biases(c, attention_bias, mlp_bias)
+    tensors: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, inputs: int, outputs: int, bias: bool) -> None:
+        tensors[f"{name}.weight"] = (outputs, inputs)
+        if bias:
+            tensors[f"{name}.bias"] = (outputs,)
+
+    linear("self_attn.q_proj", h, heads * head_dim, qkv_bias)
+    linear("self_attn.k_proj", h, kv * head_dim, qkv_bias)
+    linear("self_attn.v_proj", h, kv * head_dim, qkv_bias)
+    linear("self_attn.o_proj", heads * head_dim, h, o_bias)
+    linear("mlp.gate_proj", h, m, mlp_bias)
+    linear("mlp.up_proj", h, m, mlp_bias)
+    linear("mlp.down_proj", m, h, mlp_bias)
+    tensors["input_layernorm.weight"] = tensors["post_attention_layernorm.weight"] = (h,)  # the two RMS norms
+    return tensors
+
+
+def _llama_counts(c: dict, cls: str, prefix: str, attention_bias: bool | None, mlp_bias: bool | None) -> Counts | None:
+    """LLaMA-style decoders (Qwen2, Mistral: `_llama_biases`)."""
+    h, vocab, labels = c["hidden_size"], c["vocab_size"], c["num_labels"]
+    block = sum(math.prod(shape) for shape in _llama_block(c, attention_bias, mlp_bias).values())
     tasks = {"Model": 0, "ForCausalLM": 0 if c["tie_word_embeddings"] else vocab * h,
              "ForSequenceClassification": _linear(h, labels, bias=False), "ForTokenClassification": _linear(h, labels),
              "ForQuestionAnswering": _linear(h, 2)}
     rest = tasks.get(cls.removeprefix(prefix)) if cls.startswith(prefix) else None
     return None if rest is None else Counts(vocab * h, block, h + rest)  # the final norm
+
+
+def _llama_tensors(c: dict, cls: str, prefix: str, attention_bias: bool | None,
+                   mlp_bias: bool | None) -> dict[str, tuple[int, ...]] | None:
+    """The tensors save_pretrained writes for the base model and the causal LM (tied output layer left
+    out), name -> shape; None for the other classes."""
+    if cls == f"{prefix}Model":
+        base = ""
+    elif cls == f"{prefix}ForCausalLM":
+        base = "model."
+    else:
+        return None
+    h, vocab = c["hidden_size"], c["vocab_size"]
+    tensors = {f"{base}embed_tokens.weight": (vocab, h)}
+    block = _llama_block(c, attention_bias, mlp_bias)
+    for i in range(c["num_hidden_layers"]):
+        tensors.update({f"{base}layers.{i}.{name}": shape for name, shape in block.items()})
+    tensors[f"{base}norm.weight"] = (h,)
+    if base and not c["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = (vocab, h)
+    return tensors
 
 
 def _llama_post_init(c: dict, raw: dict) -> bool:
@@ -372,19 +421,22 @@ KINDS: dict[str, Kind] = {
                    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
                   lambda c, cls: _llama_counts(c, cls, "Llama", None, None), "LlamaModel", True,
                   can_widen_attention=True, can_split_aware=False, heads_divide_hidden=True,
-                  optional=("num_key_value_heads", "head_dim"), flags=_LLAMA_FLAGS, post_init=_llama_post_init),
+                  optional=("num_key_value_heads", "head_dim"), flags=_LLAMA_FLAGS, post_init=_llama_post_init,
+                  tensors=lambda c, cls: _llama_tensors(c, cls, "Llama", None, None)),
     "qwen2": Kind("llama", _LLAMA_KEYS,
                   {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None,
                    "tie_word_embeddings": False},
                   lambda c, cls: _llama_counts(c, cls, "Qwen2", True, False), "Qwen2Model", True,
                   can_widen_attention=True, can_split_aware=False, optional=("num_key_value_heads", "head_dim"),
-                  flags=("tie_word_embeddings",), post_init=_qwen2_post_init),
+                  flags=("tie_word_embeddings",), post_init=_qwen2_post_init,
+                  tensors=lambda c, cls: _llama_tensors(c, cls, "Qwen2", True, False)),
     "mistral": Kind("llama", _LLAMA_KEYS,
                     {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None,
                      "tie_word_embeddings": False},
                     lambda c, cls: _llama_counts(c, cls, "Mistral", False, False), "MistralModel", True,
                     can_widen_attention=True, can_split_aware=False, optional=("num_key_value_heads", "head_dim"),
-                    flags=("tie_word_embeddings",), post_init=_mistral_post_init),
+                    flags=("tie_word_embeddings",), post_init=_mistral_post_init,
+                    tensors=lambda c, cls: _llama_tensors(c, cls, "Mistral", False, False)),
 }

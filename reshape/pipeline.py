@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import validate
@@ -26,6 +23,7 @@ from .inputs import random_inputs
 from .output import locked, output_problems, space_problems, staged, weight_bytes
 from .plan import Plan, legal_heads, parent_heads
 from .presets import load_presets, preset_for
+from .progress import steps
 from .source import Source, calibration_batches, load_model, open_source, save_tokenizer_files, spec_of
 from .stages import StagedPlan, any_plan, any_rule_of_thumb, result_shape
 from .streaming import Conversion, layer_plan, layers_prefix, splits_aware, streaming_conversion
@@ -169,11 +167,8 @@ def rebuild(model: nn.Module, spec: ModelSpec, plan: Plan, *, seed: int = 0, sha
 def convert(source: str | Path, out: str | Path, heads: int | None = None, depth: int | None = None, *,
             seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False, progress: bool = False,
             calib: str | None = None, **options) -> dict:
-    """Convert a Hub id, local folder or alias into a standard folder at `out`; return its recipe.
-
-    With select="importance" (the default for decoder-only language models), the kept layers are those
-    with the highest Block Influence on `calib` (a data recipe, file or Hub dataset of text), or on
-    random tokens without it; the aware head split is weighted by `calib` too."""
+    """`reshape.convert` (reshape/config_convert.py) for every source it does not convert from config.json
+    alone: this path reads the config with transformers and plans on the model (streamed, or in memory)."""
     validate.expect("source", source, (str, os.PathLike), "a Hub id, alias, folder or timm architecture name",
                     "pass the model's name or folder as a string; for a model object use reshape.leaner(model)")
     validate.expect("out", out, (str, os.PathLike), "a folder path", "pass the output folder as a string or Path")
@@ -201,7 +196,7 @@ def convert(source: str | Path, out: str | Path, heads: int | None = None, depth
             if recipe is not None:
                 return recipe
         family = src.spec.family
-        with _steps(progress) as step:
+        with steps(progress) as step:
             with step(f"Loading {source}"):
                 model = load_model(src)
             scores = None
@@ -236,7 +231,7 @@ def _convert_streaming(src: Source, conversion: Conversion, out: Path, overwrite
     they fill (reshape/streaming.py); the folder is the in-memory path's. None when the model's forward
     turns out not to run block by block (nothing written yet): `convert` then loads it in memory."""
     scores = None
-    with _steps(progress) as step:
+    with steps(progress) as step:
         # As the in-memory path reads them: --calib is tokenised (and checked) even where nothing uses it.
         batches = calibration_batches(src, calib, conversion.source) if calib else None
         try:
@@ -360,17 +355,3 @@ def _input_covariances(model: nn.Module, spec: ModelSpec, plan: Plan, batches=No
     family = spec.family
     batches = random_inputs(model) if batches is None else batches
     return attention_input_covariances(model, family.layers(model), family.weights, plan.keep, batches)
-
-
-@contextmanager
-def _steps(enabled: bool):
-    """Rich progress, one line per long step; silent when disabled."""
-    columns = (SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
-        @contextmanager
-        def step(text: str):
-            task = bar.add_task(text, total=1)
-            yield
-            bar.update(task, completed=1)
-
-        yield step

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .confine import safetensors_weights
 from .errors import ReshapeError, fail
@@ -155,6 +154,7 @@ def spec_of(config) -> ModelSpec:
     if isinstance(config, dict):
         return ModelSpec(family, config)
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING  # (its import takes seconds: only here)
 
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
@@ -170,6 +170,8 @@ def read_gguf_spec(folder: Path, gguf_file: str) -> ModelSpec:
     except Exception as e:  # the GGUF reader raises various types on bad files
         raise fail("model", folder / gguf_file, f"is not a readable GGUF file ({_first_line(e)})",
                    "re-download it, or install the gguf package") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     return ModelSpec(find_family(config), config, MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
 
 

@@ -19,12 +19,12 @@ writes it: config.json and one model.safetensors.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import struct
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,9 +38,11 @@ from .families.timm_vit import TimmFamily
 from .headsplit import attention_input_covariances
 from .importance import keep_most_important, layer_scores
 from .inputs import random_inputs
-from .plan import Plan, parent_heads
-from .source import Source
+from .plan import Plan, Shape, parent_heads
 from .transfer import transfer_block
+
+if TYPE_CHECKING:
+    from .source import Source
 
 # safetensors' dtype names (the header's "dtype" field)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -48,6 +50,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FIX = "re-download or re-save the model"
+# PreTrainedModel.save_pretrained's default max_shard_size (tests/test_config_convert.py checks it), for a
+# source of one file: importing transformers' modeling code to read it takes seconds.
+SAVE_PRETRAINED_SHARD = "50GB"
 
 
 def can_stream(src: Source, plan: Plan, *, importance: bool, calib: str | None) -> bool:
@@ -78,7 +83,7 @@ def streaming_conversion(src: Source, plan: Plan, *, importance: bool, calib: st
         return None  # a family that saves its own way
     checkpoint = Checkpoint(src.folder, src.name, sharded=not timm)  # timm loads model.safetensors only
     # timm.create_model builds the model in torch's default dtype and copies the weights into it.
-    dtype = torch.get_default_dtype() if timm else load_dtype(config, checkpoint)
+    dtype = torch.get_default_dtype() if timm else load_dtype(getattr(config, "dtype", None), checkpoint)
     if dtype is None:
         return None  # mixed dtypes and none in config.json: from_pretrained's pick is the first tensor's
     source = skeleton(src.spec, dtype)
@@ -118,30 +123,80 @@ def activation_problem(family, config) -> str | None:
     return None
 
 
-class Conversion:
+class StreamPlan:
+    """What a streamed conversion writes: each output tensor (on the meta device), where it comes from (a
+    tensor outside the block stack, or a kept block put through `transfer_block`), and the writing, shard
+    by shard. `Conversion` plans it from models on the meta device; reshape/config_convert.py from
+    config.json alone. A subclass writes the config files (`write_config`)."""
+
+    def __init__(self, family, shape: Shape, checkpoint: "Checkpoint", expected: dict[str, torch.Tensor], prefix: str):
+        self.family, self.shape, self.checkpoint, self.expected = family, shape, checkpoint, expected
+        self.checkpoint.check(expected)  # wrong shape or dtype: refused before anything is written
+        self.prefix = prefix  # the block stack's, e.g. 'model.layers.'
+        self.covs: dict[int, torch.Tensor] | None = None  # aware split: source layer -> its input covariance
+        self._block: tuple[int, dict[str, torch.Tensor]] | None = None  # the one block held in memory
+
+    def set_plan(self, plan: Plan, outputs: dict[str, torch.Tensor], outside: dict[str, int]) -> None:
+        """The plan and the tensors it gives (`outside`: per-head tensors outside the stack -> head axis)."""
+        self.plan, self.outputs, self.outside = plan, outputs, outside
+        self.keep = layer_plan(self.family, plan).keep
+        self.sources = _sources(self.checkpoint, self.prefix, self.keep, outputs)
+        self.nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
+
+    def write_config(self, folder: Path) -> tuple[dict[str, list[str]], dict | None, dict[str, str] | None]:
+        """Write the config files; return the shards (file name -> tensor names), the index (None for one
+        file) and the shards' header metadata."""
+        raise NotImplementedError
+
+    def write(self, folder: Path) -> None:
+        """The folder: the config files, then the weights, shard by shard, and the index."""
+        files, index, metadata = self.write_config(folder)
+        try:
+            for filename, names in files.items():
+                write_shard(folder / filename, {name: self.outputs[name] for name in names}, self.tensor, metadata)
+        finally:
+            self._block = None
+        if index:
+            (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One output tensor: its kept block's, transferred, or a tensor from outside the stack."""
+        source = self.sources[name]
+        if isinstance(source, str):
+            self._block = None  # outside the stack: free the held block (one asked for again is reread)
+            tensor = self.checkpoint.get(source, self.expected[source].dtype)
+            if name in self.outside:  # per-head tensors outside the stack follow their parent heads (rebuild)
+                tensor = tensor.index_select(self.outside[name], torch.tensor(parent_heads(self.shape, self.plan)))
+            return tensor
+        new_index, rel = source
+        if self._block is None or self._block[0] != new_index:
+            self._block = None  # free the last block before reading the next
+            old = f"{self.prefix}{self.keep[new_index]}."
+            layer = {key[len(old):]: self.checkpoint.get(key, self.expected[key].dtype)
+                     for key in self.checkpoint.shapes if key.startswith(old)}
+            cov = (self.covs or {}).get(self.keep[new_index])
+            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan, cov,
+                                                    self.family.adjust_block)
+        return self._block[1][rel]
+
+
+class Conversion(StreamPlan):
     """A planned streaming conversion: what will be written, checked against the source's headers
     before anything is written. `source` and `new` are the models on the meta device (for the recipe)."""
 
     def __init__(self, src: Source, plan: Plan, checkpoint: "Checkpoint", dtype: torch.dtype, source: nn.Module,
                  new: nn.Module, importance: bool = False):
         family = src.spec.family
-        self.spec, self.family, self.shape = src.spec, family, family.shape(src.spec.config)
-        self.checkpoint, self.dtype, self.source = checkpoint, dtype, source
-        self.expected = saved_state(self.source)
-        self.checkpoint.check(self.expected)  # wrong shape or dtype: refused before anything is written
-        self.prefix = layers_prefix(self.source, family)
+        self.spec, self.dtype, self.source = src.spec, dtype, source
+        super().__init__(family, family.shape(src.spec.config), checkpoint, saved_state(source),
+                         layers_prefix(source, family))
         self.importance = importance  # the kept layers are picked by `score_layers` first
-        self.covs: dict[int, torch.Tensor] | None = None  # aware split: source layer -> its input covariance
         self._set_plan(plan, new)
-        self._block: tuple[int, dict[str, torch.Tensor]] | None = None  # the one block held in memory
 
     def _set_plan(self, plan: Plan, new: nn.Module) -> None:
-        self.plan, self.new = plan, new
-        self.outputs = saved_state(self.new)
-        self.keep = layer_plan(self.family, plan).keep
-        self.sources = _sources(self.checkpoint, self.prefix, self.keep, self.outputs)
-        self.outside = self.family.outside_per_head(self.source) if plan.heads != self.shape.heads else {}
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
+        self.new = new
+        outside = self.family.outside_per_head(self.source) if plan.heads != self.shape.heads else {}
+        self.set_plan(plan, saved_state(new), outside)
 
     def _runner(self) -> tuple[nn.Module, nn.Module, BlockRunner]:
         """A fresh meta model, its block stack, and a runner that reads its blocks one at a time."""
@@ -172,64 +227,38 @@ class Conversion:
         self.covs = attention_input_covariances(model, layers, self.family.weights, self.plan.keep, batches,
                                                 run=runner)
 
-    def write(self, folder: Path) -> None:
-        """The folder the family's save writes: for transformers, config.json (and generation_config.json)
-        as `save_pretrained` writes them, then the weights, shard by shard, with an index when there is
-        more than one shard; for timm, config.json as `save_for_hf` writes it and one model.safetensors
-        (timm loads no shards)."""
+    def write_config(self, folder: Path) -> tuple[dict[str, list[str]], dict | None, dict[str, str] | None]:
+        """For transformers, config.json (and generation_config.json) as `save_pretrained` writes them, and
+        its shards; for timm, config.json as `save_for_hf` writes it and one model.safetensors (timm loads
+        no shards; save_file writes no metadata)."""
         if self.family.library == "timm":
             self.family.save_config(self.new, folder)
-            files, index, metadata = {"model.safetensors": list(self.outputs)}, None, None  # save_file's: none
-        else:
-            files, index = self._write_transformers_config(folder)
-            metadata = {"format": "pt"}  # as save_pretrained writes it
-        try:
-            for filename, names in files.items():
-                write_shard(folder / filename, {name: self.outputs[name] for name in names}, self.tensor, metadata)
-        finally:
-            self._block = None
-        if index:
-            (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def _write_transformers_config(self, folder: Path) -> tuple[dict[str, list[str]], dict | None]:
-        """Write config.json (and generation_config.json) as save_pretrained does; return the shards
-        (file name -> tensor names) and the index (None for one file) it would write."""
-        from huggingface_hub import split_torch_state_dict_into_shards
-        from transformers import PreTrainedModel
-
+            return {"model.safetensors": list(self.outputs)}, None, None
         # The config half of save_pretrained, run on the meta model with no tensors: config.json gets
         # its dtype and architectures, and generation_config.json is written, exactly as the in-memory
         # path's save does. First, because save_pretrained removes shard files it did not write.
         self.new.save_pretrained(folder, state_dict={})
-        default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
-        # huggingface_hub plans the shards from the tensors' sizes; the meta tensors are enough for that.
-        split = split_torch_state_dict_into_shards(self.outputs, filename_pattern="model{suffix}.safetensors",
-                                                   max_shard_size=self.checkpoint.shard_bytes or default)
-        index = None
-        if split.is_sharded:  # as save_pretrained writes it
-            index = {"metadata": {"total_parameters": self.new.num_parameters(), **split.metadata},
-                     "weight_map": split.tensor_to_filename}
-        return split.filename_to_tensors, index
+        files, index = shard_files(self.outputs, self.checkpoint.shard_bytes, self.new.num_parameters())
+        return files, index, {"format": "pt"}
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One output tensor: its kept block's, transferred, or a tensor from outside the stack."""
-        source = self.sources[name]
-        if isinstance(source, str):
-            self._block = None  # outside the stack: free the held block (one asked for again is reread)
-            tensor = self.checkpoint.get(source, self.expected[source].dtype)
-            if name in self.outside:  # per-head tensors outside the stack follow their parent heads (rebuild)
-                tensor = tensor.index_select(self.outside[name], torch.tensor(parent_heads(self.shape, self.plan)))
-            return tensor
-        new_index, rel = source
-        if self._block is None or self._block[0] != new_index:
-            self._block = None  # free the last block before reading the next
-            old = f"{self.prefix}{self.keep[new_index]}."
-            layer = {key[len(old):]: self.checkpoint.get(key, self.expected[key].dtype)
-                     for key in self.checkpoint.shapes if key.startswith(old)}
-            cov = (self.covs or {}).get(self.keep[new_index])
-            self._block = new_index, transfer_block(layer, self.family.weights, self.shape, self.plan, cov,
-                                                    self.family.adjust_block)
-        return self._block[1][rel]
+
+def shard_files(outputs: dict[str, torch.Tensor], shard_bytes: int | None,
+                total_parameters: int) -> tuple[dict[str, list[str]], dict | None]:
+    """The shard files (file name -> tensor names) and index (None for one file) save_pretrained writes
+    for these tensors, at most `shard_bytes` a shard (None: save_pretrained's default)."""
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+    # huggingface_hub plans the shards from the tensors' sizes; the meta tensors are enough for that. Its
+    # torch front end (split_torch_state_dict_into_shards) gives the same split for meta tensors (no
+    # storage ids, sizes numel x item size) but imports torch.distributed.tensor for its size (0.7 s).
+    split = split_state_dict_into_shards_factory(outputs, get_storage_size=lambda t: t.numel() * t.element_size(),
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=shard_bytes or SAVE_PRETRAINED_SHARD)
+    if not split.is_sharded:
+        return split.filename_to_tensors, None
+    # as save_pretrained writes it
+    return split.filename_to_tensors, {"metadata": {"total_parameters": total_parameters, **split.metadata},
+                                       "weight_map": split.tensor_to_filename}
 
 
 class Checkpoint:
@@ -313,14 +342,14 @@ def write_shard(path: Path, planned: dict[str, torch.Tensor], tensor_of, metadat
             del tensor  # before the next one is made
 
 
-def load_dtype(config, checkpoint: Checkpoint) -> torch.dtype | None:
-    """The dtype from_pretrained(dtype="auto") loads the model in: config.json's, else the weights'
-    (None when they mix dtypes: transformers would take whichever floating tensor it met first)."""
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def load_dtype(stored, checkpoint: Checkpoint) -> torch.dtype | None:
+    """The dtype from_pretrained(dtype="auto") loads the model in: the config's (`stored`, a dtype or its
+    name, e.g. "bfloat16"), else the weights' (None when they mix dtypes: transformers would take
+    whichever floating tensor it met first)."""
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if isinstance(stored, torch.dtype):
+        return stored
     floating = {DTYPES[d] for d in checkpoint.dtypes.values() if d in DTYPES and DTYPES[d].is_floating_point}
     return floating.pop() if len(floating) == 1 else None
 

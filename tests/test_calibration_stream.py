@@ -80,7 +80,7 @@ def both(tmp_path, name):
     family = src.spec.family
     model = load_model(src)
     checkpoint = Checkpoint(folder, str(folder))
-    meta = skeleton(src.spec, load_dtype(src.spec.config, checkpoint))
+    meta = skeleton(src.spec, load_dtype(getattr(src.spec.config, "dtype", None), checkpoint))
     runner = BlockRunner(meta, family.layers(meta), layers_prefix(meta, family), checkpoint)
     return family, model, meta, runner, padded_batches(src.spec.config.vocab_size, side)
 
@@ -236,7 +236,7 @@ def test_per_layer_masks_are_refused(tmp_path):
     assert can_stream(src, plan_for(src.spec, None, 3, None, select="uniform"), importance=False, calib=None)
     # and were config.json silent, the block-by-block run would see it on the model's own forward
     checkpoint = Checkpoint(folder, str(folder))
-    meta = skeleton(src.spec, load_dtype(src.spec.config, checkpoint))
+    meta = skeleton(src.spec, load_dtype(getattr(src.spec.config, "dtype", None), checkpoint))
     layers = src.spec.family.layers(meta)
     with pytest.raises(NotBlockwise, match="gives block 2 other arguments than block 0"):
         layer_scores(meta, layers, padded_batches(64, "left"),

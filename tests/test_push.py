@@ -592,3 +592,12 @@ def test_card_of_a_distill_output_with_a_savings_report(folders, tmp_path):
     card = write_card(out)
     assert "## Savings report\n\n" + table in card
     assert str(build_card(out)) == card
+
+
+def test_the_auto_classes_the_card_names_without_importing_transformers_exist():
+    from reshape.card import COMMON_AUTO_CLASSES, auto_class
+
+    assert all(hasattr(tf, name) for name in COMMON_AUTO_CLASSES)
+    assert auto_class("LlamaForCausalLM") == "AutoModelForCausalLM"
+    assert auto_class("DetrForObjectDetection") == "AutoModelForObjectDetection"  # checked in transformers
+    assert auto_class("GPT2LMHeadModel") == "AutoModelForCausalLM" and auto_class("BertModel") == "AutoModel"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,14 @@ class Family(ABC):
 
     def finalize(self, model: nn.Module) -> None:
         """Restore what assigning a state dict undoes (e.g. tied weights)."""
+
+
+@contextmanager
+def meta_parameters():
+    """accelerate's init_empty_weights(include_buffers=False): parameters built on the meta device. Imported
+    on first use: accelerate takes a quarter of a second to import, and converting from config.json
+    (reshape/config_convert.py) builds no model."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield

@@ -11,11 +11,9 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate import init_empty_weights
-from transformers.initialization import no_init_weights
 
 from ..plan import Shape, target_shape
-from .base import BlockWeights, Family, ModelSpec, Proj, config_count, head_dim_of
+from .base import BlockWeights, Family, ModelSpec, Proj, config_count, head_dim_of, meta_parameters
 
 # Config entries that hold one value per layer and must follow the kept layers.
 PER_LAYER_KEYS = ("layer_types",)
@@ -105,7 +103,10 @@ class HFFamily(Family):
             return spec.cls(spec.config)
         # Parameters on the meta device, to be assigned; buffers stay real. Skipping the
         # initialisers matters: they run even on meta tensors and cost more than the weight transfer.
-        with no_init_weights(), init_empty_weights(include_buffers=False):
+        # (Imported here: reshape/config_convert.py uses the families without transformers' import cost.)
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights(), meta_parameters():
             model = spec.cls(spec.config)
         model.tie_weights()  # so that parameter counts see tied weights once
         return model

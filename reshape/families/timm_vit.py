@@ -11,18 +11,17 @@ import importlib
 import json
 from pathlib import Path
 
-from accelerate import init_empty_weights
 from torch import nn
 
 from ..errors import fail
 from ..plan import Shape, target_shape
-from .base import BlockWeights, Family, ModelSpec, Proj
+from .base import BlockWeights, Family, ModelSpec, Proj, meta_parameters
 
 
 @functools.lru_cache(maxsize=8)  # claims, shape and inspect all read the same config: build it once
 def _skeleton(architecture: str, model_args: str) -> nn.Module:
     try:
-        with init_empty_weights(include_buffers=False):
+        with meta_parameters():
             return TimmFamily._create({"architecture": architecture, "model_args": json.loads(model_args)})
     except Exception as e:  # e.g. num_heads 0: a broken source config, named as such rather than a traceback
         raise fail("config.json model_args", model_args, f"timm cannot build {architecture} from them "
@@ -77,7 +76,7 @@ class TimmFamily(Family):
 
     def build(self, spec, empty):
         if empty:
-            with init_empty_weights(include_buffers=False):
+            with meta_parameters():
                 model = self._create(spec.config)
         else:
             model = self._create(spec.config)

@@ -15,10 +15,10 @@ import contextlib
 import functools
 
 import torch.nn.functional as F
-from accelerate import init_empty_weights
 from torch import nn
 
 from ..plan import Shape, target_shape
+from .base import meta_parameters
 from .timm_vit import TimmFamily, timm_block_weights
 
 WIDE_KEY = "attn_head_dim"  # config.json key of a folder whose main blocks use WideXCA
@@ -100,7 +100,7 @@ class TimmXCiT(TimmFamily):
             wide = _wide_xca_class()
             for block in model.blocks:
                 old = block.attn
-                with init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext():
+                with meta_parameters() if empty else contextlib.nullcontext():
                     block.attn = wide(old.qkv.in_features, old.num_heads, head_dim, old.qkv.bias is not None,
                                       old.attn_drop.p, old.proj_drop.p)
         return model

@@ -44,13 +44,13 @@ def timm_source(tmp_path: Path, architecture: str, **args) -> Path:
 def in_memory(monkeypatch, *args, **kwargs) -> dict:
     with monkeypatch.context() as m:
         m.setattr(reshape.pipeline, "streaming_conversion", lambda *a, **k: None)
-        return reshape.convert(*args, **kwargs)
+        return reshape.pipeline.convert(*args, **kwargs)
 
 
 def streamed(monkeypatch, *args, **kwargs) -> dict:
     with monkeypatch.context() as m:  # a streamed run never loads the model
         m.setattr(reshape.pipeline, "load_model", lambda *a: pytest.fail("loaded the whole model"))
-        return reshape.convert(*args, **kwargs)
+        return reshape.pipeline.convert(*args, **kwargs)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
