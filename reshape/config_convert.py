@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from . import validate
-from .config_shape import KINDS, Kind, _plan
+from .config_shape import KINDS, Kind, plan_from_config
 from .families.hf import PER_LAYER_KEYS
 from .errors import ReshapeError
 from .output import locked, output_problems, space_problems, staged
@@ -75,7 +75,7 @@ def convert_from_config(source, out, heads=None, depth=None, *, overwrite: bool 
     if resolved is None:
         return None
     shape, tensors = kind.shape(resolved), kind.tensors(resolved, resolved["class"])
-    planned = _plan(kind, shape, heads, depth, options) if shape and tensors else None
+    planned = plan_from_config(kind, shape, heads, depth, options) if shape and tensors else None
     if planned is None or planned[1]:
         return None  # not described here, or a problem pipeline.convert reports; or layers by importance
     plan = planned[0]

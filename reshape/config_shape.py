@@ -10,7 +10,8 @@ counts its parameters; tests/test_inspect.py holds the two to the same report, n
 
 Importing torch alone takes longer than answering here (docs/results/startup.md), and transformers' config
 classes import torch, so the class defaults the formulas need are written out here (checked against the
-classes by tests/test_inspect.py).
+classes by tests/test_inspect.py). For the LLaMA-style types the tensors themselves are described too
+(`Kind.tensors`): reshape/config_convert.py converts such folders from config.json alone.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def config_report(source: str, heads=None, depth=None, **options) -> dict | None
              options.get("inner_heads")]
     if all(x is None for x in asked):
         return report
-    planned = _plan(kind, shape, heads, depth, options)
+    planned = plan_from_config(kind, shape, heads, depth, options)
     if planned is None:
         return None
     plan, by_importance = planned
@@ -110,7 +111,7 @@ def _source_config(source: str) -> dict | None:
     return config
 
 
-def _plan(kind: Kind, shape: Shape, heads, depth, options: dict):
+def plan_from_config(kind: Kind, shape: Shape, heads, depth, options: dict):
     """(plan, whether convert picks the layers by importance) as reshape.pipeline.plan_for makes it for
     this family, or None: no heads, depth or keep (the preset or rule of thumb fills them in, with a
     warning), or any problem (the meta-model path raises it)."""
