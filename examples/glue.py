@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import transformers
 from rich.console import Console
 
 import reshape
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("-o", "--out", type=Path, default=Path("glue-run"))
     parser.add_argument("--smoke", action="store_true", help="MiniLM on Rotten Tomatoes, 2 steps per stage")
     args = parser.parse_args()
+    # reshape shows its own progress; transformers' bars for each file it loads or saves only add noise
+    transformers.logging.disable_progress_bar()
     work = args.out
     model, data = ("minilm", smoke_reviews(work / "reviews.csv")) if args.smoke else (args.model, GLUE_TASKS[args.task])
     budget = TrainConfig(max_steps=2 if args.smoke else args.steps, batch_size=8 if args.smoke else 32, lr=5e-5)

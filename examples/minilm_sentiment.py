@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from rich.console import Console
 from rich.table import Table
 
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the pipeline")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    # reshape shows its own progress; transformers' bars for each file it loads or saves only add noise
+    transformers.logging.disable_progress_bar()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="reshape-demo-"))
     finetune_budget = TrainConfig(epochs=args.epochs, max_steps=3 if args.smoke else None, batch_size=32, lr=args.lr)
     distill_budget = TrainConfig(max_steps=2 if args.smoke else args.distill_steps, batch_size=32, lr=1e-4)

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import transformers
 from rich.console import Console
 
 import reshape
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("-o", "--out", type=Path, default=Path("tinystories-run"))
     parser.add_argument("--smoke", action="store_true", help="a tiny GPT-2 on Hamlet, 2 steps of 2 x 64 tokens")
     args = parser.parse_args()
+    # reshape shows its own progress; transformers' bars for each file it loads or saves only add noise
+    transformers.logging.disable_progress_bar()
     work = args.out
     if args.smoke:
         model, data, heads, depth = str(work / "tiny-gpt2-6x4"), "hamlet", 8, 2

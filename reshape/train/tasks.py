@@ -5,6 +5,7 @@ One table drives fine-tuning, distillation and evaluation, so a task is defined 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +17,8 @@ from ..confine import safetensors_weights
 from ..errors import fail
 from ..source import is_timm_folder
 from .timm_task import TimmProcessor, load_classifier
+
+log = logging.getLogger("reshape")
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,44 @@ def load_task_model(path, task: Task, label_names: list[str] | None = None, trus
     if task.labelled and label_names:
         kwargs |= dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                        label2id={n: i for i, n in enumerate(label_names)})
+    # transformers' LOAD REPORT (a table of weights on stderr) is said here in one line instead. Filtered
+    # by its text: raising the logger's level instead makes from_pretrained warn about tensor parallelism.
+    loader = transformers.logging.get_logger("transformers.modeling_utils")
+    loader.addFilter(_without_load_report)
     try:
-        return getattr(transformers, task.auto_class).from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                                     **kwargs)
+        model, info = getattr(transformers, task.auto_class).from_pretrained(
+            path, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs)
     except ValueError as e:  # the Auto class has no mapping for this model type
         raise fail("task", task.name, f"does not fit the model at {path} ({str(e).splitlines()[0][:160]})",
                    "choose a task this model supports") from None
+    finally:
+        loader.removeFilter(_without_load_report)
+    _report_loading(model, info, path, task)
+    return model
+
+
+def _without_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def _report_loading(model: nn.Module, info: dict, path, task: Task) -> None:
+    """What from_pretrained did not load, in one line each: a task head that starts from random weights (as
+    expected when training begins from a model without one), and, as warnings, missing weights inside the
+    base model or weights whose shapes differ. Checkpoint weights the class has no place for (another
+    task's head, a pooler) are ignored, as transformers ignores them."""
+    base = f"{model.base_model_prefix}."
+    missing = sorted(info.get("missing_keys") or ())
+    head = [k for k in missing if not k.startswith(base)]
+    if head:
+        labels = f", {model.config.num_labels} labels" if task.labelled else ""
+        log.warning("reshape: %s has no %s head: a new one (%s%s) starts from random weights", path, task.name,
+                    ", ".join(head), labels)
+    if inside := [k for k in missing if k.startswith(base)]:
+        log.warning("reshape: %s lacks %d weights of its model, which start from random values: %s", path,
+                    len(inside), ", ".join(inside[:5]) + (", ..." if len(inside) > 5 else ""))
+    if mismatched := sorted(info.get("mismatched_keys") or ()):
+        log.warning("reshape: %s holds weights of other shapes, which start from random values: %s", path,
+                    ", ".join(str(m[0] if isinstance(m, tuple) else m) for m in mismatched[:5]))
 
 
 def preprocessor(path, task: Task, gguf_file: str | None = None):
