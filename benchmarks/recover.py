@@ -22,12 +22,14 @@ fine-tuning rate of both (the main job uses 1e-4).
 Before any training it also measures the relative error of the converted models' last hidden states
 against the source and against the 4 x 12 control on held-out review text, for both head splits (the
 aware one fitted on review text, and on random inputs).
-Finished (row, seed) results are kept in OUT/results.json, so a re-run skips them. Besides the table it
+Finished (row, seed) results are kept in OUT/results.json, so a re-run skips them; `--merge` renders the
+results.json files of several runs (rows or seeds run in separate processes) as one table. Besides the table it
 prints a paired comparison: each row minus the baseline on the same seed, with the mean and spread of the
 differences, and each row's mean test accuracy as a fraction of the baseline's.
 
     python benchmarks/recover.py [--seeds 2] [--distill-steps 150] [--epochs 1] [--lr 5e-5] [--task-distill]
                                  [--rows 1,2,4] [--only-seed 0] [-o benchmarks/recover-out] [--work DIR]
+    python benchmarks/recover.py --merge RUN1/results.json RUN2/results.json ...
 """
 
 from __future__ import annotations
@@ -137,7 +139,11 @@ def main() -> None:
                         help="run only this seed (repeatable), e.g. one process per seed on one GPU")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/recover-out"))
     parser.add_argument("--work", type=Path, help="where the models go (default OUT/work)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="render the table of these runs' results.json files (same settings) together; run nothing")
     args = parser.parse_args()
+    if args.merge:
+        return render(merged(args.merge))
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -162,6 +168,23 @@ def main() -> None:
             accuracy.setdefault(name, {})[str(seed)] = run_row(options, seed, args.work or args.out / "work", args)
             results_file.write_text(json.dumps(results, indent=2))
     render(results)
+
+
+def merged(files: list[Path]) -> dict:
+    """The results of several runs of the same settings (rows or seeds run in separate processes), their
+    rows in the table's order; a (row, seed) found twice must hold the same scores."""
+    runs = [json.loads(f.read_text()) for f in files]
+    if any(run["settings"] != runs[0]["settings"] for run in runs):
+        raise SystemExit("these results.json files hold results of different settings: " +
+                         "; ".join(f"{f}: {run['settings']}" for f, run in zip(files, runs)))
+    accuracy: dict[str, dict] = {}
+    for run in runs:
+        for name, per_seed in run["accuracy"].items():
+            for seed, values in per_seed.items():
+                if accuracy.setdefault(name, {}).setdefault(seed, values) != values:
+                    raise SystemExit(f"{name}, seed {seed}: two runs give different scores")
+    ordered = {name: dict(sorted(accuracy[name].items())) for name in ROWS if name in accuracy}
+    return {"settings": runs[0]["settings"], "split_errors": runs[0]["split_errors"], "accuracy": ordered}
 
 
 def render(results: dict) -> None:
