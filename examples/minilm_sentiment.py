@@ -6,7 +6,7 @@ is then trained for the same steps on the same labels with the fine-tuned baseli
 (task-specific distillation). The script prints parameters, test accuracy and CPU latency per batch for
 both. Offline, on the real all-MiniLM-L6-v2 weights and real review snippets (see the README).
 
-    python examples/minilm_sentiment.py [--distill-steps 500] [--epochs 2] [--lr 1e-4] [--select importance]
+    python examples/minilm_sentiment.py [--distill-steps 400] [--epochs 2] [--lr 1e-4] [--select importance]
                                         [--smoke]
 """
 
@@ -59,7 +59,7 @@ def params(folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--distill-steps", type=int, default=500)
+    parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs, the same for both models")
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate, the same for both")
     parser.add_argument("--select", default="uniform", choices=["uniform", "importance"],
