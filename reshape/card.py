@@ -51,6 +51,12 @@ def write_card(folder: str | Path, source: str | Path | None = None, name: str |
     return text
 
 
+def write_recipe_and_card(folder: Path, recipe: dict, source: str | Path | None, name: str) -> None:
+    """A converted folder's reshape.json, then its card, which reads it."""
+    (folder / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    write_card(folder, source, name=name)
+
+
 def build_card(folder: str | Path, source: str | Path | None = None, name: str | None = None) -> ModelCard:
     folder = Path(folder)
     name = name or folder.name

@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from . import validate
+from .card import write_recipe_and_card
 from .config_shape import KINDS, Kind, plan_from_config
 from .families.hf import PER_LAYER_KEYS
 from .errors import ReshapeError
-from .output import locked, output_problems, space_problems, staged
+from .output import copy_extra_files, locked, output_problems, space_problems, staged
 from .plan import Plan, Shape
 from .stages import result_shape
 from .presets import preset_for
@@ -88,20 +89,16 @@ def convert_from_config(source, out, heads=None, depth=None, *, overwrite: bool 
         dtype = load_dtype(raw.get("dtype") or raw.get("torch_dtype"), checkpoint)
         if dtype is None or checkpoint.shapes != tensors:
             return None  # mixed dtypes; legacy, missing or extra tensors: from_pretrained's rules apply
-        conversion = ConfigConversion(kind, raw, resolved, shape, plan, checkpoint, dtype)
-        recipe = _recipe(name, folder, raw["model_type"], kind, resolved, shape, plan)
+        conversion = ConfigConversion(kind, raw, resolved, shape, plan, checkpoint, dtype, tensors)
+        recipe = _recipe(name, folder, kind, resolved, conversion)
         if problems := space_problems(out, conversion.nbytes):
             raise ReshapeError(problems)
         with steps(progress) as step, \
                 step(f"Streaming to {out}: {plan.heads} heads, {plan.depth} layers ({plan.head_split} head split)"), \
                 staged(out, overwrite) as tmp:
             conversion.write(tmp)
-            from .card import write_card
-            from .output import copy_extra_files
-
-            recipe["copied_files"] = copy_extra_files(folder, tmp)
-            (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
-            write_card(tmp, folder, name=out.name)
+            recipe["copied_files"] = copy_extra_files(folder, tmp)  # the tokenizer files (pipeline's, for a folder)
+            write_recipe_and_card(tmp, recipe, folder, out.name)
     return recipe
 
 
@@ -109,12 +106,12 @@ class ConfigConversion(StreamPlan):
     """The streamed conversion of a model reshape/config_shape.py describes tensor by tensor."""
 
     def __init__(self, kind: Kind, raw: dict, resolved: dict, shape: Shape, plan: Plan, checkpoint: Checkpoint,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, tensors: dict[str, tuple[int, ...]]):
+        """`tensors`: the source's, name -> shape (Kind.tensors), which the checkpoint holds."""
         self.raw, self.new_config = raw, kind.new_config(resolved, shape, plan)
-        self.total_parameters = kind.count(self.new_config)["total"]
+        self.new_counts = kind.count(self.new_config)
         base = "" if resolved["class"].endswith("Model") else "model."
-        super().__init__(_family(raw["model_type"]), shape, checkpoint, _meta(kind.tensors(resolved, resolved["class"]), dtype),
-                         f"{base}layers.")
+        super().__init__(_family(raw["model_type"]), shape, checkpoint, _meta(tensors, dtype), f"{base}layers.")
         # LLaMA-style models hold no per-head tensors outside their blocks
         self.set_plan(plan, _meta(kind.tensors(self.new_config, resolved["class"]), dtype), outside={})
         self.changed = {key: self.new_config[key] for role, key in kind.keys.items() if role != "mlp" or plan.mlp}
@@ -131,7 +128,7 @@ class ConfigConversion(StreamPlan):
         generation = self.checkpoint.folder / "generation_config.json"
         if generation.is_file():  # (save_pretrained writes the one from_pretrained loaded from it)
             shutil.copyfile(generation, folder / generation.name)
-        files, index = shard_files(self.outputs, self.checkpoint.shard_bytes, self.total_parameters)
+        files, index = shard_files(self.outputs, self.checkpoint.shard_bytes, self.new_counts["total"])
         return files, index, {"format": "pt"}  # save_pretrained's shard metadata
 
 
@@ -156,19 +153,19 @@ def _meta(tensors: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, 
     return {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in tensors.items()}
 
 
-def _recipe(name: str, folder: Path, model_type: str, kind: Kind, resolved: dict, shape: Shape, plan: Plan) -> dict:
+def _recipe(name: str, folder: Path, kind: Kind, resolved: dict, conversion: ConfigConversion) -> dict:
     """reshape.json, as pipeline.make_recipe writes it (its counts from config_shape's formulas)."""
     preset = preset_for(name, folder)
-    before, after = kind.count(resolved), kind.count(kind.new_config(resolved, shape, plan))
+    before, after, plan = kind.count(resolved), conversion.new_counts, conversion.plan
     return {
         "reshape_version": __version__,
         "source": name,
         "hub_id": preset.hub_id if preset else None,
-        "family": _family(model_type).name,
+        "family": conversion.family.name,
         "class": resolved["class"],
         "plan": plan.to_dict(),
-        "source_shape": shape.to_dict(),
-        "shape": result_shape(shape, plan).to_dict(),
+        "source_shape": conversion.shape.to_dict(),
+        "shape": result_shape(conversion.shape, plan).to_dict(),
         "params": {"source": before, "result": after,
                    "saved_fraction": round(1 - after["total"] / before["total"], 6)},
     }

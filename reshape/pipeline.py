@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import replace
@@ -14,7 +13,7 @@ from torch import nn
 
 from . import validate
 from .blockwise import NotBlockwise
-from .card import write_card
+from .card import write_recipe_and_card
 from .errors import Problem, ReshapeError, fail
 from .families import FAMILIES, ModelSpec, find_family
 from .headsplit import attention_input_covariances
@@ -274,8 +273,7 @@ def _warn_if_timm_cannot_load(family, new_config, new: nn.Module, out: Path) -> 
 def _write_recipe_and_card(src: Source, recipe: dict, tmp: Path, out: Path) -> None:
     """What every converted folder gets besides the model: the tokenizer files, reshape.json, the card."""
     recipe["copied_files"] = save_tokenizer_files(src, tmp)
-    (tmp / "reshape.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    write_card(tmp, src.folder, name=out.name)
+    write_recipe_and_card(tmp, recipe, src.folder, out.name)
 
 
 def inspect_meta(source: str | nn.Module, heads: int | None = None, depth: int | None = None, *,
